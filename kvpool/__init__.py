@@ -1,0 +1,53 @@
+"""kvpool: an asyncio KV-cache store for LLM serving.
+
+Public names live here and only here::
+
+    import kvpool, torch
+    layout = kvpool.KVLayout(num_layers=32, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16)
+    async with await kvpool.KVPool.open(layout=layout, model_id="llama-3.1-8b",
+                                        backends=["dram://?capacity=8GiB"]) as pool:
+        await pool.put(tokens, kv)
+        kv = await pool.get(tokens)
+"""
+
+from .backends.base import Backend, Capabilities, ReadRequest
+from .config import BackendSpec, PoolConfig
+from .errors import (
+    BackendError,
+    CapacityError,
+    ConfigError,
+    KVPoolError,
+    LayoutError,
+    PoolClosedError,
+    PoolLockedError,
+    RestoreError,
+    UnknownBackendError,
+)
+from .layout import KVLayout
+from .pool import KVPool
+from .registry import get_backend_class, known_backends, register_backend, registry
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Backend",
+    "BackendError",
+    "BackendSpec",
+    "Capabilities",
+    "CapacityError",
+    "ConfigError",
+    "KVLayout",
+    "KVPool",
+    "KVPoolError",
+    "LayoutError",
+    "PoolClosedError",
+    "PoolConfig",
+    "PoolLockedError",
+    "ReadRequest",
+    "RestoreError",
+    "UnknownBackendError",
+    "get_backend_class",
+    "known_backends",
+    "register_backend",
+    "registry",
+]

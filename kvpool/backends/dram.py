@@ -1,0 +1,241 @@
+"""``dram://`` -- a host-memory tier: one arena, its own extent allocator, a hard capacity, LRU eviction.
+
+The arena is a single uint8 tensor (page-locked when CUDA can pin it, so host<->GPU copies are DMA).
+Objects are extents of it: no Python object per byte, and a read is one strided ``copy_`` from the arena
+into the caller's tensor. Copies of a few MiB or more run in a worker thread (torch releases the GIL), so
+the event loop never blocks on a large memcpy; the extent being copied is pinned against eviction and
+against reuse by an overwrite or delete until the copy is done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..errors import CapacityError, ConfigError
+from ..eviction import EvictionPolicy, make_policy
+from ..allocator import ExtentAllocator
+from .base import Backend, Capabilities, nbytes_of
+
+if TYPE_CHECKING:
+    from typing import Self
+
+    from ..config import BackendSpec
+
+__all__ = ["DRAMBackend"]
+
+# Copies at least this large go to a worker thread; smaller ones are cheaper inline than a thread hop.
+_OFFLOAD_BYTES = 4 << 20
+_ALIGN = 4096
+
+
+class _Extent:
+    __slots__ = ("start", "nbytes", "pins", "dead")
+
+    def __init__(self, start: int, nbytes: int) -> None:
+        self.start = start
+        self.nbytes = nbytes
+        self.pins = 0
+        self.dead = False
+
+
+def _viewed(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``flat`` (uint8, contiguous) reinterpreted with ``like``'s dtype and shape."""
+    return flat.view(like.dtype).view(like.shape)
+
+
+class DRAMBackend(Backend):
+    """Host-memory tier.
+
+    Parameters
+    ----------
+    capacity
+        Arena size in bytes (a hard bound).
+    pin_memory
+        Page-lock the arena; ``None`` (default) pins when CUDA is available.
+    policy
+        Eviction policy name (``lru``) or an :class:`~kvpool.eviction.EvictionPolicy` object.
+    """
+
+    scheme = "dram"
+    capabilities = Capabilities(persistent=False, partial_reads=True)
+
+    def __init__(
+        self, capacity: int, *, pin_memory: bool | None = None, policy: str | EvictionPolicy = "lru"
+    ) -> None:
+        super().__init__()
+        if not isinstance(capacity, int) or capacity < _ALIGN:
+            raise ConfigError(f"dram:// capacity must be at least {_ALIGN} bytes, got {capacity!r}")
+        self._capacity = capacity
+        self._pin = pin_memory
+        self.policy = make_policy(policy) if isinstance(policy, str) else policy
+        self._arena: torch.Tensor | None = None
+        self._alloc = ExtentAllocator(capacity, _ALIGN)
+        self._index: dict[bytes, _Extent] = {}
+        self.pinned_memory = False
+        self.counters = {"hits": 0, "misses": 0, "evictions": 0, "bytes_read": 0, "bytes_written": 0}
+
+    @classmethod
+    def from_spec(cls, spec: BackendSpec) -> Self:
+        spec.check_known(("capacity", "pin", "policy"))
+        cap = spec.size("capacity")
+        if cap is None:
+            raise ConfigError(f"{spec.text}: dram:// needs ?capacity=SIZE (e.g. dram://?capacity=8GiB)")
+        pin = spec.flag("pin") if "pin" in spec.params else None
+        return cls(cap, pin_memory=pin, policy=spec.params.get("policy", "lru"))
+
+    async def _open(self) -> None:
+        pin = torch.cuda.is_available() if self._pin is None else self._pin
+        if pin:
+            # Raises if pinning is impossible although explicitly asked for: a silent fallback would hide
+            # a 2x slower host-to-device path.
+            self._arena = torch.empty(self._capacity, dtype=torch.uint8, pin_memory=True)
+            self.pinned_memory = True
+        else:
+            self._arena = torch.empty(self._capacity, dtype=torch.uint8)
+
+    async def _close(self) -> None:
+        self._index.clear()
+        self._alloc = ExtentAllocator(self._capacity, _ALIGN)
+        self.policy = type(self.policy)()
+        self._arena = None
+
+    # --- sizes -------------------------------------------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    @property
+    def used_bytes(self) -> int:
+        return self._alloc.used
+
+    async def object_size(self, key: bytes) -> int | None:
+        ext = self._index.get(key)
+        return ext.nbytes if ext is not None else None
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    # --- internals ---------------------------------------------------------------------------------------
+    def _release(self, ext: _Extent) -> None:
+        ext.dead = True
+        if ext.pins == 0:
+            self._alloc.free(ext.start, ext.nbytes)
+
+    def _unpin(self, ext: _Extent) -> None:
+        ext.pins -= 1
+        if ext.dead and ext.pins == 0:
+            self._alloc.free(ext.start, ext.nbytes)
+
+    def _allocate(self, nbytes: int) -> int:
+        if self._alloc.round(nbytes) > self._alloc.capacity:
+            raise CapacityError(f"an object of {nbytes} bytes cannot fit in dram:// of {self._capacity} bytes")
+        while True:
+            start = self._alloc.alloc(nbytes)
+            if start is not None:
+                return start
+            victim = next((k for k in self.policy.candidates() if self._index[k].pins == 0), None)
+            if victim is None:
+                raise CapacityError(
+                    f"dram:// is full: {nbytes} bytes needed, {self._alloc.free_bytes} free and every "
+                    f"object is in use"
+                )
+            self._evict(victim)
+
+    def _evict(self, key: bytes) -> None:
+        ext = self._index.pop(key)
+        self.policy.remove(key)
+        self._release(ext)
+        self.counters["evictions"] += 1
+
+    def _slice(self, start: int, nbytes: int) -> torch.Tensor:
+        assert self._arena is not None
+        return self._arena[start : start + nbytes]
+
+    # --- the core ----------------------------------------------------------------------------------------
+    async def write(self, key: bytes, src: torch.Tensor) -> None:
+        self._check_open()
+        n = nbytes_of(src)
+        if n == 0:
+            raise ValueError("cannot store an empty object")
+        start = self._allocate(n)
+        ext = _Extent(start, n)
+        ext.pins = 1  # not yet visible, but an eviction must not hand it out while we copy
+        try:
+            dst = _viewed(self._slice(start, n), src)
+            if n >= _OFFLOAD_BYTES:
+                await asyncio.to_thread(dst.copy_, src)
+            else:
+                dst.copy_(src)
+        except BaseException:
+            ext.dead = True
+            self._unpin(ext)
+            raise
+        ext.pins = 0
+        old = self._index.get(key)
+        if old is not None:
+            self.policy.remove(key)
+            self._release(old)
+        self._index[key] = ext
+        self.policy.insert(key, n)
+        self.counters["bytes_written"] += n
+
+    async def read_into(self, key: bytes, dest: torch.Tensor, offset: int = 0) -> bool:
+        self._check_open()
+        ext = self._index.get(key)
+        if ext is None:
+            self.counters["misses"] += 1
+            return False
+        n = nbytes_of(dest)
+        if offset < 0 or offset + n > ext.nbytes:
+            raise ValueError(f"range [{offset}, {offset + n}) is outside an object of {ext.nbytes} bytes")
+        if offset % dest.element_size():
+            raise ValueError(f"offset {offset} is not a multiple of the destination's itemsize")
+        src = _viewed(self._slice(ext.start + offset, n), dest)
+        if n >= _OFFLOAD_BYTES:
+            ext.pins += 1
+            try:
+                await asyncio.to_thread(dest.copy_, src)
+            finally:
+                self._unpin(ext)
+        else:
+            dest.copy_(src)
+        self.policy.touch(key)
+        self.counters["hits"] += 1
+        self.counters["bytes_read"] += n
+        return True
+
+    async def delete(self, key: bytes) -> bool:
+        self._check_open()
+        ext = self._index.pop(key, None)
+        if ext is None:
+            return False
+        self.policy.remove(key)
+        self._release(ext)
+        return True
+
+    async def contains(self, key: bytes) -> bool:
+        self._check_open()
+        return key in self._index
+
+    async def contains_many(self, keys: Any) -> list[bool]:
+        self._check_open()
+        index = self._index
+        return [k in index for k in keys]
+
+    async def keys(self) -> AsyncIterator[bytes]:  # type: ignore[override]
+        self._check_open()
+        for k in list(self._index):
+            yield k
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            **super().stats(),
+            "objects": len(self._index),
+            "pinned_memory": self.pinned_memory,
+            "policy": self.policy.name,
+            **self.counters,
+        }

@@ -1,0 +1,371 @@
+"""KVPool: the façade a serving engine talks to.
+
+It turns prompts into chunk keys, asks the tiers (fastest first) which chunks they hold, and moves bytes
+between the caller's tensors and the tiers with zero packing copies: a chunk of the caller's
+``[L, 2, T, H, D]`` tensor is a strided view whose row-major bytes are the stored object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+from types import TracebackType
+from typing import Any
+
+import torch
+
+from .backends.base import Backend, ReadRequest
+from .config import PoolConfig
+from .errors import ConfigError, KVPoolError, LayoutError, PoolClosedError, RestoreError
+from .keys import PrefixHasher, as_token_array
+from .layout import KVLayout
+from .registry import backend_from_spec
+
+__all__ = ["KVPool"]
+
+_DEFAULT_PREFETCH_LAYERS = 2
+
+
+class KVPool:
+    """An async KV-cache pool over one or more tiers.
+
+    Build one with :meth:`KVPool.open`; use it as an async context manager or call :meth:`close`.
+
+    Parameters
+    ----------
+    layout
+        The model's KV geometry.
+    model_id
+        Names the model; part of every key.
+    tiers
+        Open backends, fastest first.
+    config
+        Pool-wide options.
+    """
+
+    def __init__(self, layout: KVLayout, model_id: str, tiers: Sequence[Backend], config: PoolConfig) -> None:
+        self.layout = layout
+        self.model_id = model_id
+        self.config = config
+        self.tiers: list[Backend] = list(tiers)
+        self._hasher = PrefixHasher(model_id, layout.fingerprint, layout.chunk_tokens, config.namespace)
+        self._closed = False
+        self._counters: dict[str, int] = {
+            "puts": 0,
+            "chunks_written": 0,
+            "chunks_skipped": 0,
+            "lookups": 0,
+            "gets": 0,
+            "hit_tokens": 0,
+            "miss_tokens": 0,
+            "promotions": 0,
+            "read_failures": 0,
+        }
+        self._opened_at = time.time()
+
+    # --- lifecycle ---------------------------------------------------------------------------------------
+    @classmethod
+    async def open(
+        cls,
+        *,
+        layout: KVLayout,
+        model_id: str,
+        backends: Sequence[str | Backend],
+        namespace: str = "",
+        config: PoolConfig | dict[str, Any] | None = None,
+    ) -> KVPool:
+        """Open the backends (fastest tier first) and return a ready pool.
+
+        Raises
+        ------
+        ConfigError
+            For a bad spec string, an unknown scheme (the message lists the known ones) or no backends.
+        """
+        if not isinstance(layout, KVLayout):
+            raise LayoutError(f"layout must be a kvpool.KVLayout, got {type(layout).__name__}")
+        if not isinstance(model_id, str) or not model_id:
+            raise ConfigError("model_id must be a non-empty str")
+        if isinstance(backends, (str, Backend)) or not backends:
+            raise ConfigError("backends must be a non-empty list of spec strings or Backend objects")
+        if isinstance(config, dict):
+            config = PoolConfig.from_dict(config)
+        config = config or PoolConfig()
+        if namespace:
+            import attrs
+
+            config = attrs.evolve(config, namespace=namespace)
+        tiers = [backend_from_spec(b) for b in backends]
+        opened: list[Backend] = []
+        try:
+            for t in tiers:
+                await t.open()
+                opened.append(t)
+        except BaseException:
+            for t in reversed(opened):
+                await t.close()
+            raise
+        return cls(layout, model_id, tiers, config)
+
+    async def close(self) -> None:
+        """Close every tier. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        errors: list[BaseException] = []
+        for t in self.tiers:
+            try:
+                await t.close()
+            except Exception as exc:  # close them all, then report
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+    aclose = close
+
+    async def __aenter__(self) -> KVPool:
+        self._check_open()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise PoolClosedError("the pool is closed")
+
+    # --- keys --------------------------------------------------------------------------------------------
+    def keys_for(self, tokens: Any, max_chunks: int | None = None) -> list[bytes]:
+        """The chunk keys of ``tokens`` (one per full chunk)."""
+        return self._hasher.keys(tokens, max_chunks)
+
+    async def _locate(self, keys: list[bytes]) -> list[int]:
+        """For the longest prefix of ``keys`` held somewhere: the index of the fastest tier holding each."""
+        if not keys:
+            return []
+        where: list[int] = []
+        remaining = keys
+        # Ask the fastest tier first; only the keys it lacks go further down.
+        found: list[list[bool]] = []
+        for tier in self.tiers:
+            found.append(await tier.contains_many(remaining) if remaining else [])
+        for i in range(len(keys)):
+            for t, f in enumerate(found):
+                if f[i]:
+                    where.append(t)
+                    break
+            else:
+                break
+        return where
+
+    # --- API ---------------------------------------------------------------------------------------------
+    async def put(self, tokens: Any, kv: torch.Tensor) -> int:
+        """Store the KV of every full chunk of ``tokens``; return the number of tokens now stored.
+
+        ``kv`` is ``[num_layers, 2, len(tokens), num_kv_heads, head_dim]``. A trailing partial chunk is
+        ignored; chunks already stored are not written again. If a write fails, the chunks this call wrote
+        are removed again and the error propagates: the pool is as it was.
+        """
+        self._check_open()
+        arr = as_token_array(tokens)
+        self.layout.check_kv(kv)
+        if kv.shape[2] != len(arr):
+            raise LayoutError(f"kv holds {kv.shape[2]} tokens but {len(arr)} tokens were given")
+        keys = self._hasher.keys(arr)
+        self._counters["puts"] += 1
+        if not keys:
+            return 0
+        written: list[tuple[Backend, bytes]] = []
+        targets = self.tiers if self.config.write_policy == "write-through" else self.tiers[:1]
+        try:
+            for tier in targets:
+                have = await tier.contains_many(keys)
+                items = [(k, self.layout.chunk_view(kv, i)) for i, k in enumerate(keys) if not have[i]]
+                self._counters["chunks_skipped"] += len(keys) - len(items)
+                if items:
+                    await tier.write_many(items)
+                    written.extend((tier, k) for k, _ in items)
+                    self._counters["chunks_written"] += len(items)
+        except BaseException:
+            for tier, k in written:
+                try:
+                    await tier.delete(k)
+                except Exception:
+                    pass
+            raise
+        return len(keys) * self.layout.chunk_tokens
+
+    async def lookup(self, tokens: Any) -> int:
+        """Length in tokens of the longest cached prefix of ``tokens`` (a multiple of ``chunk_tokens``)."""
+        self._check_open()
+        self._counters["lookups"] += 1
+        keys = self._hasher.keys(tokens)
+        return len(await self._locate(keys)) * self.layout.chunk_tokens
+
+    async def get(self, tokens: Any) -> torch.Tensor:
+        """The KV of the longest cached prefix: a new tensor ``[L, 2, hit, H, D]`` (``hit`` may be 0)."""
+        self._check_open()
+        keys = self._hasher.keys(tokens)
+        where = await self._locate(keys)
+        out = torch.empty(self.layout.kv_shape(len(where) * self.layout.chunk_tokens), dtype=self.layout.dtype)
+        n = await self._read_chunks(keys, where, out)
+        self._account(len(keys), n)
+        if n < out.shape[2]:
+            return out[:, :, :n].contiguous()
+        return out
+
+    async def get_into(self, tokens: Any, out: torch.Tensor) -> int:
+        """Fill ``out[:, :, :n]`` with the cached prefix's KV and return ``n``.
+
+        ``out`` is ``[L, 2, T, H, D]`` of the pool's dtype, on the CPU (or a device a tier supports); at most
+        ``T // chunk_tokens`` chunks are restored. ``out[:, :, n:]`` is left unspecified.
+        """
+        self._check_open()
+        self.layout.check_kv(out, name="out")
+        keys = self._hasher.keys(tokens, max_chunks=out.shape[2] // self.layout.chunk_tokens)
+        where = await self._locate(keys)
+        n = await self._read_chunks(keys, where, out)
+        self._account(len(keys), n)
+        return n
+
+    async def stream(self, tokens: Any, *, prefetch_layers: int = _DEFAULT_PREFETCH_LAYERS
+                     ) -> AsyncIterator[tuple[int, torch.Tensor]]:
+        """Yield ``(layer, x)`` for each layer in order, ``x`` = ``[2, hit, H, D]`` of the cached prefix.
+
+        Up to ``prefetch_layers`` later layers are read while the caller works on the current one. Nothing is
+        yielded when nothing is cached. If an object vanishes after its first layers were yielded (evicted,
+        corrupt), :class:`~kvpool.RestoreError` is raised naming the layer.
+        """
+        self._check_open()
+        if prefetch_layers < 0:
+            raise ValueError("prefetch_layers must be >= 0")
+        keys = self._hasher.keys(tokens)
+        where = await self._locate(keys)
+        self._account(len(keys), len(where) * self.layout.chunk_tokens)
+        if not where:
+            return
+        hit = len(where) * self.layout.chunk_tokens
+        L = self.layout.num_layers
+        shape = (2, hit, self.layout.num_kv_heads, self.layout.head_dim)
+
+        async def read_layer(layer: int) -> torch.Tensor:
+            x = torch.empty(shape, dtype=self.layout.dtype)
+            off = self.layout.layer_offset(layer)
+            ok = await self._read_views(
+                keys, where, [self.layout.layer_chunk_view(x, c) for c in range(len(where))], off
+            )
+            if ok < len(where):
+                raise RestoreError(f"chunk {ok} of the prefix could not be read at layer {layer}", layer)
+            return x
+
+        pending: dict[int, asyncio.Task[torch.Tensor]] = {}
+        try:
+            for layer in range(L):
+                for nxt in range(layer, min(L, layer + 1 + prefetch_layers)):
+                    if nxt not in pending:
+                        pending[nxt] = asyncio.ensure_future(read_layer(nxt))
+                x = await pending.pop(layer)
+                yield layer, x
+        finally:
+            for t in pending.values():
+                t.cancel()
+            if pending:
+                await asyncio.gather(*pending.values(), return_exceptions=True)
+
+    async def delete(self, tokens: Any) -> int:
+        """Remove every full chunk of ``tokens`` from every tier; return the tokens that were stored."""
+        self._check_open()
+        keys = self._hasher.keys(tokens)
+        removed = set()
+        for tier in self.tiers:
+            for i, k in enumerate(keys):
+                if await tier.delete(k):
+                    removed.add(i)
+        return len(removed) * self.layout.chunk_tokens
+
+    async def flush(self) -> None:
+        """Make everything stored so far durable on the persistent tiers (power-loss safe)."""
+        self._check_open()
+        for tier in self.tiers:
+            fl = getattr(tier, "flush", None)
+            if fl is not None:
+                await fl()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of the pool and of each tier."""
+        return {
+            "model_id": self.model_id,
+            "layout": {
+                "num_layers": self.layout.num_layers,
+                "num_kv_heads": self.layout.num_kv_heads,
+                "head_dim": self.layout.head_dim,
+                "dtype": str(self.layout.dtype),
+                "chunk_tokens": self.layout.chunk_tokens,
+                "chunk_bytes": self.layout.chunk_nbytes,
+            },
+            **self._counters,
+            "tiers": [t.stats() for t in self.tiers],
+        }
+
+    # --- data movement -----------------------------------------------------------------------------------
+    def _account(self, asked_chunks: int, hit_tokens: int) -> None:
+        self._counters["gets"] += 1
+        self._counters["hit_tokens"] += hit_tokens
+        self._counters["miss_tokens"] += asked_chunks * self.layout.chunk_tokens - hit_tokens
+
+    async def _read_chunks(self, keys: list[bytes], where: list[int], out: torch.Tensor) -> int:
+        views = [self.layout.chunk_view(out, c) for c in range(len(where))]
+        n = await self._read_views(keys, where, views, 0)
+        if n and self.config.promote_on_hit and len(self.tiers) > 1:
+            await self._promote(keys[:n], where[:n], views[:n])
+        return n * self.layout.chunk_tokens
+
+    async def _read_views(
+        self, keys: list[bytes], where: list[int], views: list[torch.Tensor], offset: int
+    ) -> int:
+        """Read chunk ``c`` into ``views[c]`` from tier ``where[c]`` (falling back to lower tiers that hold
+        it); return the number of leading chunks that were read."""
+        nch = len(where)
+        ok = [False] * nch
+        by_tier: dict[int, list[int]] = {}
+        for c, t in enumerate(where):
+            by_tier.setdefault(t, []).append(c)
+
+        async def run(t: int, cs: list[int]) -> None:
+            res = await self.tiers[t].read_many([ReadRequest(keys[c], views[c], offset) for c in cs])
+            for c, r in zip(cs, res):
+                ok[c] = r
+
+        await asyncio.gather(*(run(t, cs) for t, cs in by_tier.items()))
+        # A tier that failed a read (evicted meanwhile, corrupt) is not the last word: lower tiers may hold it.
+        for c in range(nch):
+            if ok[c]:
+                continue
+            self._counters["read_failures"] += 1
+            for t in range(where[c] + 1, len(self.tiers)):
+                try:
+                    if await self.tiers[t].read_into(keys[c], views[c], offset):
+                        where[c] = t
+                        ok[c] = True
+                        break
+                except KVPoolError:
+                    continue
+            if not ok[c]:
+                return c
+        return nch
+
+    async def _promote(self, keys: list[bytes], where: list[int], views: list[torch.Tensor]) -> None:
+        """Copy chunks found in a lower tier into the tiers above it (best effort: a full tier skips)."""
+        for c, t in enumerate(where):
+            for upper in range(t):
+                try:
+                    await self.tiers[upper].write(keys[c], views[c])
+                    self._counters["promotions"] += 1
+                except KVPoolError:
+                    pass
