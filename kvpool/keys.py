@@ -23,6 +23,7 @@ __all__ = ["KEY_BYTES", "PrefixHasher", "as_token_array"]
 
 KEY_BYTES = 16
 _MAX_TOKEN = 2**32 - 1
+_U4 = np.dtype("<u4")
 
 
 def as_token_array(tokens: Any) -> np.ndarray[Any, np.dtype[np.uint32]]:
@@ -37,6 +38,8 @@ def as_token_array(tokens: Any) -> np.ndarray[Any, np.dtype[np.uint32]]:
     ValueError
         For negative tokens or tokens >= 2**32.
     """
+    if type(tokens) is np.ndarray and tokens.dtype == _U4 and tokens.ndim == 1 and tokens.flags.c_contiguous:
+        return tokens  # already canonical (e.g. validated once by the caller)
     if isinstance(tokens, torch.Tensor):
         if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
             raise TypeError(f"tokens must be integers, got a tensor of {tokens.dtype}")

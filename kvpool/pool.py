@@ -342,7 +342,10 @@ class KVPool:
             for c, r in zip(cs, res):
                 ok[c] = r
 
-        await asyncio.gather(*(run(t, cs) for t, cs in by_tier.items()))
+        if len(by_tier) == 1:  # the common case: no task per tier
+            await run(*next(iter(by_tier.items())))
+        else:
+            await asyncio.gather(*(run(t, cs) for t, cs in by_tier.items()))
         # A tier that failed a read (evicted meanwhile, corrupt) is not the last word: lower tiers may hold it.
         for c in range(nch):
             if ok[c]:

@@ -10,7 +10,7 @@ against reuse by an overwrite or delete until the copy is done.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -18,7 +18,7 @@ import torch
 from ..errors import CapacityError, ConfigError
 from ..eviction import EvictionPolicy, make_policy
 from ..allocator import ExtentAllocator
-from .base import Backend, Capabilities, nbytes_of
+from .base import Backend, Capabilities, ReadRequest, nbytes_of
 
 if TYPE_CHECKING:
     from typing import Self
@@ -221,12 +221,25 @@ class DRAMBackend(Backend):
         self._check_open()
         return key in self._index
 
+    async def write_many(self, items: Sequence[tuple[bytes, torch.Tensor]]) -> None:
+        # Small copies are cheaper inline than as tasks; large ones overlap in worker threads.
+        if len(items) > 1 and any(nbytes_of(s) >= _OFFLOAD_BYTES for _, s in items):
+            await super().write_many(items)
+        else:
+            for k, s in items:
+                await self.write(k, s)
+
+    async def read_many(self, requests: Sequence[ReadRequest]) -> list[bool]:
+        if len(requests) > 1 and any(nbytes_of(r.dest) >= _OFFLOAD_BYTES for r in requests):
+            return await super().read_many(requests)
+        return [await self.read_into(r.key, r.dest, r.offset) for r in requests]
+
     async def contains_many(self, keys: Any) -> list[bool]:
         self._check_open()
         index = self._index
         return [k in index for k in keys]
 
-    async def keys(self) -> AsyncIterator[bytes]:  # type: ignore[override]
+    async def keys(self) -> AsyncIterator[bytes]:
         self._check_open()
         for k in list(self._index):
             yield k

@@ -197,7 +197,7 @@ class BackendTests:
         k = rand_key()
         await backend.write(k, rand_bytes(4096))
         with pytest.raises(CapacityError):
-            await backend.write(rand_key(), torch.zeros(self.capacity + 4096, dtype=torch.uint8))
+            await backend.write(rand_key(), torch.zeros((backend.capacity or self.capacity) + 4096, dtype=torch.uint8))
         assert await backend.contains(k)  # the failed write changed nothing
 
     async def test_delete_frees_space(self, backend: Backend) -> None:

@@ -1,0 +1,867 @@
+"""``uring://PATH?capacity=SIZE`` -- the SSD tier: io_uring, O_DIRECT, no filesystem on the data path.
+
+PATH is a regular file (created and preallocated; ``capacity`` bounds its size) or a raw block device
+(no filesystem at all). kvpool manages the space itself (see :mod:`._uring_format` for the on-disk format
+and the commit protocol): extents aligned to 4 KiB, free-space reuse, a journal and two checkpoint slots,
+no per-object files and no filesystem metadata call on the data path.
+
+Data path. A read of an object range becomes one READV straight into the caller's tensor when its memory is
+aligned for O_DIRECT (the strided chunk view of a ``[L, 2, T, H, D]`` tensor is 2L runs = 2L iovecs, one
+SQE); otherwise it goes through registered bounce buffers (READ_FIXED) and one ``copy_``. Every request of a
+batch is queued before a single ``io_uring_enter``; completions arrive on the event loop through an eventfd.
+Each object carries per-part xxh3 checksums seeded with its key, verified after every read: a mismatch or an
+I/O error is a miss (counted), never data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import errno as errno_mod
+import fcntl
+import itertools
+import logging
+import os
+import random
+import stat
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+import xxhash
+
+from ..allocator import ExtentAllocator
+from ..errors import BackendError, CapacityError, ConfigError, PoolLockedError
+from ..eviction import EvictionPolicy, make_policy
+from ..uring_engine import OP_FSYNC, OP_READ, OP_WRITE, UringEngine, alloc_aligned, buffer_address
+from . import _uring_format as fmt
+from .base import Backend, Capabilities, ReadRequest, nbytes_of
+
+if TYPE_CHECKING:
+    from typing import Self
+
+    from ..config import BackendSpec
+
+__all__ = ["UringBackend"]
+
+log = logging.getLogger("kvpool.uring")
+
+BLOCK = fmt.BLOCK
+_IOV_MAX = 512  # iovecs per SQE (the kernel's limit is 1024)
+_MAX_IO = 8 << 20  # split larger ranges so the device sees many requests in parallel
+
+
+def _runs(t: torch.Tensor) -> list[tuple[int, int]]:
+    """(address, nbytes) of the contiguous runs of a CPU tensor, in row-major order."""
+    if t.numel() == 0:
+        return []
+    isz = t.element_size()
+    shape, strides = list(t.shape), list(t.stride())
+    # merge trailing dims while they are contiguous
+    inner = 1
+    d = len(shape)
+    while d > 0 and (shape[d - 1] == 1 or strides[d - 1] == inner):
+        inner *= shape[d - 1]
+        d -= 1
+    base = t.data_ptr()
+    block = inner * isz
+    if d == 0:
+        return [(base, block)]
+    out = []
+    for idx in itertools.product(*(range(s) for s in shape[:d])):
+        off = sum(i * s for i, s in zip(idx, strides[:d])) * isz
+        out.append((base + off, block))
+    return out
+
+
+def _mem(addr: int, n: int) -> memoryview:
+    return memoryview((ctypes.c_char * n).from_address(addr)).cast("B")
+
+
+def _slice_runs(runs: list[tuple[int, int]], start: int, length: int) -> list[tuple[int, int]]:
+    """The sub-runs covering logical bytes [start, start+length) of a run list."""
+    out = []
+    pos = 0
+    end = start + length
+    for addr, n in runs:
+        lo, hi = max(start, pos), min(end, pos + n)
+        if lo < hi:
+            out.append((addr + lo - pos, hi - lo))
+        pos += n
+        if pos >= end:
+            break
+    return out
+
+
+def _hash_runs(runs: list[tuple[int, int]], seed: int) -> int:
+    if len(runs) == 1:
+        return xxhash.xxh3_64_intdigest(_mem(*runs[0]), seed)
+    h = xxhash.xxh3_64(seed=seed)
+    for addr, n in runs:
+        h.update(_mem(addr, n))
+    return h.intdigest()
+
+
+def _part_seed(key: bytes, part: int) -> int:
+    return (fmt.key_seed(key) + part * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+
+
+def _checksums(runs: list[tuple[int, int]], key: bytes, length: int, part_size: int) -> tuple[int, ...]:
+    out = []
+    for p in range(-(-length // part_size)):
+        off = p * part_size
+        out.append(_hash_runs(_slice_runs(runs, off, min(part_size, length - off)), _part_seed(key, p)))
+    return tuple(out)
+
+
+class _Bounce:
+    """Registered, page-aligned staging memory, handed out in extents; waiters queue when it is full."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.buf = alloc_aligned(nbytes)
+        self.addr = buffer_address(self.buf)
+        self.alloc = ExtentAllocator(nbytes, BLOCK)
+        self.tensor = torch.frombuffer(self.buf, dtype=torch.uint8)
+        self._cond = asyncio.Condition()
+
+    async def get(self, n: int) -> int:
+        async with self._cond:
+            while True:
+                off = self.alloc.alloc(n)
+                if off is not None:
+                    return off
+                await self._cond.wait()
+
+    async def put(self, off: int, n: int) -> None:
+        async with self._cond:
+            self.alloc.free(off, n)
+            self._cond.notify_all()
+
+
+class UringBackend(Backend):
+    """SSD tier on a file or raw block device through io_uring.
+
+    Parameters
+    ----------
+    path
+        A regular file (created if missing) or a block device.
+    capacity
+        Bytes of the file (required to create one); for a device, defaults to the device's size.
+    entries
+        io_uring submission queue depth.
+    bounce
+        Bytes of registered staging memory for unaligned caller buffers.
+    sqpoll
+        Use a kernel submission-polling thread (IORING_SETUP_SQPOLL).
+    policy
+        Eviction policy name or object.
+    direct
+        Read straight into caller memory when it is aligned (default); ``False`` forces bounce buffers.
+    """
+
+    scheme = "uring"
+    capabilities = Capabilities(persistent=True, partial_reads=True)
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        capacity: int | None = None,
+        *,
+        entries: int = 256,
+        bounce: int = 64 << 20,
+        sqpoll: bool = False,
+        policy: str | EvictionPolicy = "lru",
+        direct: bool = True,
+    ) -> None:
+        super().__init__()
+        self.path = os.fspath(path)
+        if not self.path:
+            raise ConfigError("uring:// needs a path, e.g. uring:///var/cache/kv.pool?capacity=100GiB")
+        self._req_capacity = capacity
+        self._entries = entries
+        self._bounce_bytes = max(bounce, 4 << 20) // (2 << 20) * (2 << 20)
+        self._sqpoll = sqpoll
+        self.policy = make_policy(policy) if isinstance(policy, str) else policy
+        self._policy_name = policy if isinstance(policy, str) else None
+        self._direct = direct
+        self._fd = -1
+        self._engine: UringEngine | None = None
+        self._bounce: _Bounce | None = None
+        self._geo: fmt.Geometry | None = None
+        self._alloc: ExtentAllocator | None = None
+        self._index: dict[bytes, fmt.Entry] = {}
+        self._meta_bytes = 0
+        self._epoch = 0
+        self._seq = 0
+        self._jpos = 0  # next journal block
+        self._jpending: list[tuple[list[bytes], asyncio.Future[None]]] = []
+        self._jtask: asyncio.Task[None] | None = None
+        self._mem_align = BLOCK
+        self.is_block_device = False
+        self.counters = {
+            "hits": 0,
+            "misses": 0,
+            "corrupt": 0,
+            "read_errors": 0,
+            "evictions": 0,
+            "bytes_read": 0,
+            "bytes_written": 0,
+            "direct_reads": 0,
+            "bounce_reads": 0,
+            "checkpoints": 0,
+            "recovered_objects": 0,
+            "dropped_on_recovery": 0,
+        }
+
+    @classmethod
+    def from_spec(cls, spec: BackendSpec) -> Self:
+        spec.check_known(("capacity", "entries", "bounce", "sqpoll", "policy", "direct"))
+        return cls(
+            spec.location,
+            spec.size("capacity"),
+            entries=spec.integer("entries", 256),
+            bounce=spec.size("bounce", 64 << 20) or (64 << 20),
+            sqpoll=spec.flag("sqpoll"),
+            policy=spec.params.get("policy", "lru"),
+            direct=spec.flag("direct", True),
+        )
+
+    # --- sizes -------------------------------------------------------------------------------------------
+    @property
+    def capacity(self) -> int | None:
+        return self._geo.d_len if self._geo else self._req_capacity
+
+    @property
+    def used_bytes(self) -> int:
+        return self._alloc.used if self._alloc else 0
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    async def object_size(self, key: bytes) -> int | None:
+        e = self._index.get(key)
+        return e.length if e else None
+
+    # --- errors ------------------------------------------------------------------------------------------
+    def _oserror(self, err: int, what: str) -> BackendError:
+        return BackendError(err, f"{what}: {os.strerror(err)}", self.path)
+
+    # --- open / close ------------------------------------------------------------------------------------
+    async def _open(self) -> None:
+        try:
+            await self._open_inner()
+        except BaseException:
+            await self._teardown()
+            raise
+
+    async def _open_inner(self) -> None:
+        path = self.path
+        try:
+            st = os.stat(path)
+            exists = True
+        except FileNotFoundError:
+            exists = False
+            st = None
+        except OSError as exc:
+            raise self._oserror(exc.errno or errno_mod.EIO, f"cannot stat {path}") from exc
+        self.is_block_device = bool(st and stat.S_ISBLK(st.st_mode))
+        flags = os.O_RDWR | os.O_CLOEXEC | getattr(os, "O_DIRECT", 0)
+        if self.is_block_device:
+            flags |= os.O_EXCL  # refuses a device that is mounted or held by another O_EXCL opener
+        elif not exists:
+            if self._req_capacity is None:
+                raise ConfigError(f"uring://{path}: a new pool file needs ?capacity=SIZE")
+            flags |= os.O_CREAT
+        elif st is not None and not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"uring://{path} is neither a regular file nor a block device")
+        try:
+            self._fd = os.open(path, flags, 0o600)
+        except OSError as exc:
+            if exc.errno == errno_mod.EBUSY:
+                raise PoolLockedError(exc.errno, f"{path} is in use (mounted or opened exclusively)", path) from exc
+            if exc.errno == errno_mod.EINVAL:
+                raise self._oserror(exc.errno, f"{path}: the filesystem does not support O_DIRECT") from exc
+            raise self._oserror(exc.errno or errno_mod.EIO, f"cannot open {path}") from exc
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            raise PoolLockedError(exc.errno, f"{path} is already used by another open pool", path) from exc
+
+        if self.is_block_device:
+            dev_size = os.lseek(self._fd, 0, os.SEEK_END)
+            total = self._req_capacity or dev_size
+            if total > dev_size:
+                raise ConfigError(f"uring://{path}: capacity {total} exceeds the device's {dev_size} bytes")
+        else:
+            cur = os.fstat(self._fd).st_size
+            total = self._req_capacity if self._req_capacity is not None else cur
+            if total < cur and exists and self._req_capacity is not None and cur > 0:
+                # never silently shrink someone's cache file; a grown capacity is a reformat below
+                pass
+        total -= total % BLOCK
+        if total < 4 * fmt.BLOCK + 3 * 64 * 1024 + (1 << 20):
+            raise ConfigError(f"uring://{path}: capacity {total} is too small (at least 2 MiB)")
+        if not self.is_block_device:
+            await asyncio.to_thread(self._preallocate, total, created=not exists)
+
+        self._engine = UringEngine(entries=self._entries, sqpoll=self._sqpoll)
+        self._engine.register_files([self._fd])
+        self._bounce = _Bounce(self._bounce_bytes)
+        self._engine.register_buffers([self._bounce.buf])
+        self._mem_align = await self._probe_mem_align()
+
+        sb = await self._read_meta(0, BLOCK)
+        geo = fmt.Geometry.unpack_superblock(sb) if sb is not None else None
+        if geo is None or geo.total != total:
+            if geo is not None:
+                log.warning("%s: pool was formatted for %d bytes, now %d: reformatting", path, geo.total, total)
+            await self._format(total)
+        else:
+            self._geo = geo
+            await self._recover()
+
+    def _preallocate(self, total: int, *, created: bool) -> None:
+        """Reserve the file's blocks up front (no ENOSPC mid-put); on failure leave no half-grown file."""
+        st = os.fstat(self._fd)
+        have = st.st_blocks * 512
+        vfs = os.fstatvfs(self._fd)
+        free = vfs.f_bavail * vfs.f_frsize
+        if total - have > free:
+            if created:
+                os.unlink(self.path)
+            raise self._oserror(
+                errno_mod.ENOSPC, f"cannot preallocate {total} bytes for {self.path} ({free} bytes free)"
+            )
+        old_size = st.st_size
+        try:
+            if old_size != total:
+                os.ftruncate(self._fd, total)
+            os.posix_fallocate(self._fd, 0, total)
+        except OSError as exc:
+            try:
+                if created:
+                    os.unlink(self.path)
+                else:
+                    os.ftruncate(self._fd, old_size)
+            except OSError:
+                pass
+            raise self._oserror(exc.errno or errno_mod.EIO, f"cannot preallocate {total} bytes") from exc
+
+    async def _teardown(self) -> None:
+        if self._jtask is not None:
+            try:
+                await self._jtask
+            except Exception:
+                pass
+            self._jtask = None
+        if self._engine is not None:
+            await self._engine.aclose()
+            self._engine = None
+        if self._fd >= 0:
+            # Unlock explicitly: a ring's registered-file reference can outlive close() for a moment, and
+            # the flock belongs to the open file, not to this descriptor.
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+            except OSError:
+                pass
+            os.close(self._fd)
+            self._fd = -1
+        self._bounce = None
+
+    async def _close(self) -> None:
+        try:
+            await self._drain_journal()
+            await self._checkpoint()  # next open replays nothing
+        finally:
+            await self._teardown()
+            self._index.clear()
+            self._alloc = None
+            self._geo = None
+            self.policy = make_policy(self._policy_name) if self._policy_name else self.policy
+
+    async def flush(self) -> None:
+        """Make every completed put durable against power loss (fdatasync of the file or device)."""
+        self._check_open()
+        await self._drain_journal()
+        assert self._engine is not None
+        (res,) = await self._engine.submit([(OP_FSYNC, 0, 0, 0, None)])
+        if res < 0:
+            raise self._oserror(-res, "fdatasync failed")
+
+    # --- raw metadata I/O --------------------------------------------------------------------------------
+    async def _probe_mem_align(self) -> int:
+        """Smallest memory alignment O_DIRECT accepts here (512 on most devices, 4096 on some)."""
+        assert self._bounce is not None and self._engine is not None
+        for align in (512, BLOCK):
+            (res,) = await self._engine.submit([(OP_READ, 0, 0, 0, ("iov", [(self._bounce.addr + align, BLOCK)]))])
+            if res >= 0:
+                return align
+        return BLOCK
+
+    async def _read_meta(self, offset: int, n: int) -> bytes | None:
+        assert self._engine is not None
+        buf = alloc_aligned(fmt.align_up(n), hugepages=False)
+        try:
+            (res,) = await self._engine.submit([(OP_READ, 0, 0, offset, ("iov", [(buffer_address(buf), fmt.align_up(n))]))])
+            if res < n:
+                return None
+            return bytes(buf[:n])
+        finally:
+            buf.close()
+
+    async def _write_meta(self, offset: int, data: bytes) -> None:
+        assert self._engine is not None
+        n = fmt.align_up(len(data))
+        buf = alloc_aligned(n, hugepages=False)
+        try:
+            buf[: len(data)] = data
+            (res,) = await self._engine.submit([(OP_WRITE, 0, 0, offset, ("iov", [(buffer_address(buf), n)]))])
+        finally:
+            buf.close()
+        if res < 0:
+            raise self._oserror(-res, f"metadata write at {offset} failed")
+        if res != n:
+            raise self._oserror(errno_mod.EIO, f"short metadata write at {offset}")
+
+    # --- format and recovery -----------------------------------------------------------------------------
+    async def _format(self, total: int) -> None:
+        geo = fmt.Geometry.for_size(total)
+        self._geo = geo
+        self._alloc = ExtentAllocator(geo.d_len, BLOCK)
+        self._index.clear()
+        self._epoch = random.getrandbits(62)  # stale blocks of an earlier format never match
+        await self._write_meta(geo.ckpt_b, b"\0" * BLOCK)
+        await self._checkpoint()
+        await self._write_meta(0, geo.pack_superblock())
+
+    async def _recover(self) -> None:
+        geo = self._geo
+        assert geo is not None
+        best: tuple[int, list[fmt.Entry]] | None = None
+        for slot in (geo.ckpt_a, geo.ckpt_b):
+            head = await self._read_meta(slot, BLOCK)
+            h = fmt.checkpoint_header(head) if head else None
+            if h is None:
+                continue
+            epoch, n, plen, pcrc = h
+            if plen > geo.ckpt_len - BLOCK:
+                continue
+            payload = await self._read_meta(slot + BLOCK, plen) if plen else b""
+            if payload is None or fmt.crc(payload) != pcrc:
+                log.warning("%s: checkpoint at %d is damaged", self.path, slot)
+                continue
+            try:
+                entries = fmt.unpack_checkpoint_entries(payload, n)
+            except Exception:
+                continue
+            if best is None or epoch > best[0]:
+                best = (epoch, entries)
+        if best is None:
+            log.warning("%s: no valid checkpoint; starting empty", self.path)
+            self._epoch = random.getrandbits(62)
+            entries: list[fmt.Entry] = []
+        else:
+            self._epoch, entries = best
+        live: dict[bytes, fmt.Entry] = {e.key: e for e in entries}
+        # replay the journal of this epoch, in sequence order
+        jdata = await self._read_meta(geo.j_off, geo.j_len)
+        blocks = []
+        if jdata is not None:
+            mv = memoryview(jdata)
+            for pos in range(geo.j_len // BLOCK):
+                parsed = fmt.parse_journal_block(mv[pos * BLOCK : (pos + 1) * BLOCK], self._epoch)
+                if parsed is not None:
+                    blocks.append(parsed)
+        blocks.sort(key=lambda b: b[0])
+        self._seq = max((e.seq for e in entries), default=0)
+        for seq, recs in blocks:
+            self._seq = max(self._seq, seq)
+            for kind, rec in recs:
+                if kind == fmt.REC_PUT:
+                    assert isinstance(rec, fmt.Entry)
+                    live[rec.key] = rec
+                    self._seq = max(self._seq, rec.seq)
+                else:
+                    assert isinstance(rec, bytes)
+                    live.pop(rec, None)
+        # rebuild space: newest first; an older entry overlapping a newer one was superseded
+        self._alloc = ExtentAllocator(geo.d_len, BLOCK)
+        kept = []
+        for e in sorted(live.values(), key=lambda e: e.seq, reverse=True):
+            if e.length <= 0 or e.part_size <= 0 or len(e.checksums) != -(-e.length // e.part_size):
+                self.counters["dropped_on_recovery"] += 1
+                continue
+            if self._alloc.reserve(e.offset, e.extent):
+                kept.append(e)
+            else:
+                self.counters["dropped_on_recovery"] += 1
+        self._index = {}
+        self._meta_bytes = 0
+        for e in sorted(kept, key=lambda e: e.seq):
+            self._index[e.key] = e
+            self._meta_bytes += e.packed_size
+            self.policy.insert(e.key, e.length)
+        self.counters["recovered_objects"] = len(self._index)
+        await self._checkpoint()  # compact: the replayed journal is folded into a new checkpoint
+
+    async def _checkpoint(self) -> None:
+        """Write the whole index to the older slot with a new epoch; the journal starts over."""
+        geo = self._geo
+        assert geo is not None
+        epoch = self._epoch + 1
+        entries = sorted(self._index.values(), key=lambda e: e.seq)
+        data = fmt.pack_checkpoint(epoch, entries)
+        if len(data) > geo.ckpt_len:  # cannot happen: writes keep _meta_bytes within the slot
+            raise self._oserror(errno_mod.ENOSPC, "checkpoint does not fit its slot")
+        slot = geo.ckpt_a if epoch % 2 == 0 else geo.ckpt_b
+        await self._write_meta(slot, data)
+        self._epoch = epoch
+        self._jpos = 0
+        self.counters["checkpoints"] += 1
+
+    # --- journal (group commit) --------------------------------------------------------------------------
+    async def _log(self, records: list[bytes]) -> None:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        self._jpending.append((records, fut))
+        if self._jtask is None or self._jtask.done():
+            self._jtask = asyncio.ensure_future(self._journal_writer())
+        await asyncio.shield(fut)
+
+    async def _drain_journal(self) -> None:
+        while self._jtask is not None and not self._jtask.done():
+            await asyncio.shield(self._jtask)
+
+    async def _journal_writer(self) -> None:
+        geo = self._geo
+        assert geo is not None
+        while self._jpending:
+            batch, self._jpending = self._jpending, []
+            try:
+                blocks: list[bytes] = []
+                cur = b""
+                for recs, _ in batch:
+                    for r in recs:
+                        if len(cur) + len(r) > fmt.JOURNAL_PAYLOAD:
+                            blocks.append(cur)
+                            cur = b""
+                        cur += r
+                if cur:
+                    blocks.append(cur)
+                if self._jpos + len(blocks) > geo.j_len // BLOCK:
+                    # Journal full: fold everything (including this batch, applied below) into a checkpoint.
+                    await self._checkpoint_with(batch)
+                else:
+                    data = b"".join(
+                        fmt.pack_journal_block(self._epoch, self._seq + 1 + i, blk) for i, blk in enumerate(blocks)
+                    )
+                    self._seq += len(blocks)
+                    await self._write_meta(geo.j_off + self._jpos * BLOCK, data)
+                    self._jpos += len(blocks)
+            except BaseException as exc:
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc if isinstance(exc, Exception) else BackendError(str(exc)))
+                if not isinstance(exc, Exception):
+                    raise
+                continue
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_result(None)
+
+    async def _checkpoint_with(self, batch: list[tuple[list[bytes], asyncio.Future[None]]]) -> None:
+        """Checkpoint the index as it will be once ``batch`` is applied (its puts are not yet published)."""
+        saved = dict(self._index)
+        for recs, _ in batch:
+            for r in recs:
+                if r[0] == fmt.REC_PUT:
+                    e, _pos = fmt.Entry.unpack_from(r, 1)
+                    self._index[e.key] = e
+                else:
+                    self._index.pop(r[1:17], None)
+        try:
+            await self._checkpoint()
+        finally:
+            self._index = saved
+
+    # --- space -------------------------------------------------------------------------------------------
+    def _release(self, e: fmt.Entry) -> None:
+        e.dead = True
+        self._meta_bytes -= e.packed_size
+        if e.pins == 0:
+            assert self._alloc is not None
+            self._alloc.free(e.offset, e.extent)
+
+    def _unpin(self, e: fmt.Entry) -> None:
+        e.pins -= 1
+        if e.dead and e.pins == 0:
+            assert self._alloc is not None
+            self._alloc.free(e.offset, e.extent)
+
+    def _allocate(self, length: int, meta: int, dels: list[bytes]) -> int:
+        assert self._alloc is not None and self._geo is not None
+        if fmt.align_up(length) > self._alloc.capacity:
+            raise CapacityError(f"an object of {length} bytes cannot fit in uring://{self.path} "
+                                f"({self._alloc.capacity} bytes of data space)")
+        meta_room = self._geo.ckpt_len - BLOCK
+        while True:
+            if self._meta_bytes + meta <= meta_room:
+                off = self._alloc.alloc(length)
+                if off is not None:
+                    return off
+            victim = next((k for k in self.policy.candidates() if self._index[k].pins == 0), None)
+            if victim is None:
+                raise CapacityError(f"uring://{self.path} is full and every object is in use")
+            e = self._index.pop(victim)
+            self.policy.remove(victim)
+            self._release(e)
+            dels.append(fmt.del_record(victim))
+            self.counters["evictions"] += 1
+
+    # --- writes ------------------------------------------------------------------------------------------
+    def _aligned(self, runs: list[tuple[int, int]]) -> bool:
+        a = self._mem_align
+        return self._direct and all(addr % a == 0 and n % 512 == 0 for addr, n in runs)
+
+    async def write(self, key: bytes, src: torch.Tensor) -> None:
+        await self.write_many([(key, src)])
+
+    async def write_many(self, items: Sequence[tuple[bytes, torch.Tensor]]) -> None:
+        self._check_open()
+        assert self._engine is not None and self._bounce is not None
+        for _, src in items:
+            if nbytes_of(src) == 0:
+                raise ValueError("cannot store an empty object")
+        # stage each object: checksums, an extent, and either direct iovecs or a bounce copy
+        staged: list[tuple[bytes, fmt.Entry, list[tuple[int, int]], tuple[int, int] | None]] = []
+        dels: list[bytes] = []
+        keep: list[torch.Tensor] = []
+        try:
+            for key, src in items:
+                if src.device.type != "cpu":
+                    src = src.cpu()
+                n = nbytes_of(src)
+                ps = fmt.part_size_for(n)
+                runs = _runs(src)
+                keep.append(src)
+                sums = _checksums(runs, key, n, ps)
+                self._seq += 1
+                e = fmt.Entry(key, 0, n, ps, sums, self._seq)
+                e.offset = self._allocate(n, e.packed_size, dels)
+                e.pins = 1  # not visible yet; eviction cannot pick it, and a failure frees it
+                self._meta_bytes += e.packed_size
+                if n % BLOCK == 0 and self._aligned(runs):
+                    staged.append((key, e, runs, None))
+                else:
+                    ext = e.extent
+                    if ext > self._bounce.alloc.capacity:
+                        # too large to stage at once: a contiguous aligned copy of our own
+                        tmp = torch.zeros(ext + BLOCK, dtype=torch.uint8)
+                        shift = (-tmp.data_ptr()) % BLOCK
+                        tmp = tmp[shift : shift + ext]
+                        tmp[:n].view(src.dtype).view(src.shape).copy_(src)
+                        keep.append(tmp)
+                        staged.append((key, e, [(tmp.data_ptr(), ext)], None))
+                    else:
+                        boff = await self._bounce.get(ext)
+                        view = self._bounce.tensor[boff : boff + ext]
+                        view[:n].view(src.dtype).view(src.shape).copy_(src)
+                        if ext > n:
+                            view[n:].zero_()
+                        staged.append((key, e, [], (boff, ext)))
+            ops = []
+            for _key, e, runs, b in staged:
+                file_off = self._geo.d_off + e.offset if self._geo else 0
+                if b is not None:
+                    for o in range(0, b[1], _MAX_IO):
+                        ln = min(_MAX_IO, b[1] - o)
+                        ops.append((OP_WRITE, 0, 0, file_off + o, ("fixed", 0, b[0] + o, ln)))
+                else:
+                    ops.extend(self._iov_ops(OP_WRITE, runs, file_off))
+            results = await self._engine.submit(ops)
+            bad = [r for r in results if r < 0]
+            if bad:
+                raise self._oserror(-bad[0], "write failed")
+            # data is on the device: now the journal names it, then readers may see it
+            recs = dels + [fmt.put_record(e) for _, e, _, _ in staged]
+            await self._log(recs)
+        except BaseException:
+            for _key, e, _runs_, b in staged:
+                e.dead = True
+                self._meta_bytes -= e.packed_size
+                self._unpin(e)
+            if dels:
+                try:
+                    await self._log(dels)
+                except Exception:
+                    pass
+            raise
+        finally:
+            for _key, _e, _r, b in staged:
+                if b is not None:
+                    await self._bounce.put(*b)
+        for key, e, _runs_, _b in staged:
+            e.pins = 0
+            old = self._index.get(key)
+            if old is not None:
+                self.policy.remove(key)
+                self._release(old)
+            self._index[key] = e
+            self.policy.insert(key, e.length)
+            self.counters["bytes_written"] += e.length
+
+    def _iov_ops(self, op: int, runs: list[tuple[int, int]], file_off: int) -> list[tuple[Any, ...]]:
+        """Ops covering ``runs`` laid end to end at ``file_off``: <= _IOV_MAX iovecs and ~_MAX_IO bytes each."""
+        ops: list[tuple[Any, ...]] = []
+        cur: list[tuple[int, int]] = []
+        cur_n = 0
+        pos = file_off
+        for addr, n in runs:
+            while n > 0:
+                take = min(n, _MAX_IO - cur_n)
+                cur.append((addr, take))
+                cur_n += take
+                addr += take
+                n -= take
+                if cur_n >= _MAX_IO or len(cur) >= _IOV_MAX:
+                    ops.append((op, 0, 0, pos, ("iov", cur)))
+                    pos += cur_n
+                    cur, cur_n = [], 0
+        if cur:
+            ops.append((op, 0, 0, pos, ("iov", cur)))
+        return ops
+
+    # --- reads -------------------------------------------------------------------------------------------
+    async def read_into(self, key: bytes, dest: torch.Tensor, offset: int = 0) -> bool:
+        return (await self.read_many([ReadRequest(key, dest, offset)]))[0]
+
+    async def read_many(self, requests: Sequence[ReadRequest]) -> list[bool]:
+        self._check_open()
+        assert self._engine is not None and self._bounce is not None and self._geo is not None
+        results = [False] * len(requests)
+        plans: list[tuple[int, fmt.Entry, int, int, list[tuple[int, int]], tuple[int, int] | None, torch.Tensor]] = []
+        pinned: list[fmt.Entry] = []
+        ops: list[tuple[Any, ...]] = []
+        op_owner: list[int] = []
+        try:
+            for i, r in enumerate(requests):
+                e = self._index.get(r.key)
+                n = nbytes_of(r.dest)
+                if e is None:
+                    self.counters["misses"] += 1
+                    continue
+                if r.offset < 0 or r.offset + n > e.length:
+                    raise ValueError(f"range [{r.offset}, {r.offset + n}) is outside an object of {e.length} bytes")
+                if n == 0:
+                    results[i] = True
+                    continue
+                if r.offset % r.dest.element_size():
+                    raise ValueError("offset is not a multiple of the destination's itemsize")
+                e.pins += 1
+                pinned.append(e)
+                parts = fmt.parts_covering(e, r.offset, r.offset + n)
+                r0 = parts.start * e.part_size
+                r1 = min(parts.stop * e.part_size, e.length)
+                span = fmt.align_up(r1) - r0
+                file_off = self._geo.d_off + e.offset + r0
+                dest = r.dest
+                runs = _runs(dest) if dest.device.type == "cpu" else []
+                if dest.device.type == "cpu" and r0 == r.offset and span == n and self._aligned(runs):
+                    plans.append((i, e, r0, r1, runs, None, dest))
+                    for op in self._iov_ops(OP_READ, runs, file_off):
+                        ops.append(op)
+                        op_owner.append(len(plans) - 1)
+                    self.counters["direct_reads"] += 1
+                else:
+                    if span > self._bounce.alloc.capacity:
+                        tmp = torch.empty(span + BLOCK, dtype=torch.uint8)
+                        shift = (-tmp.data_ptr()) % BLOCK
+                        tmp = tmp[shift : shift + span]
+                        plans.append((i, e, r0, r1, [(tmp.data_ptr(), span)], None, tmp))
+                        for op in self._iov_ops(OP_READ, [(tmp.data_ptr(), span)], file_off):
+                            ops.append(op)
+                            op_owner.append(len(plans) - 1)
+                    else:
+                        boff = await self._bounce.get(span)
+                        plans.append((i, e, r0, r1, [(self._bounce.addr + boff, span)], (boff, span), dest))
+                        for o in range(0, span, _MAX_IO):
+                            ops.append((OP_READ, 0, 0, file_off + o, ("fixed", 0, boff + o, min(_MAX_IO, span - o))))
+                            op_owner.append(len(plans) - 1)
+                    self.counters["bounce_reads"] += 1
+            res = await self._engine.submit(ops) if ops else []
+            failed = set()
+            for owner, rv, op in zip(op_owner, res, ops):
+                spec = op[4]
+                want = spec[3] if spec[0] == "fixed" else sum(n for _, n in spec[1])
+                if rv != want:
+                    failed.add(owner)
+            for p, (i, e, r0, r1, runs, b, dest) in enumerate(plans):
+                r = requests[i]
+                if p in failed:
+                    self.counters["read_errors"] += 1
+                    self.counters["misses"] += 1
+                    continue
+                ok = True
+                for part in fmt.parts_covering(e, r0, r1):
+                    lo = part * e.part_size - r0
+                    ln = min(e.part_size, e.length - part * e.part_size)
+                    if _hash_runs(_slice_runs(runs, lo, ln), _part_seed(e.key, part)) != e.checksums[part]:
+                        ok = False
+                        break
+                if not ok:
+                    self.counters["corrupt"] += 1
+                    self.counters["misses"] += 1
+                    log.warning("%s: object %s failed its checksum; treated as a miss", self.path, e.key.hex())
+                    continue
+                n = nbytes_of(r.dest)
+                if b is not None or dest is not r.dest:
+                    base = self._bounce.tensor[b[0] : b[0] + b[1]] if b is not None else dest
+                    src = base[r.offset - r0 : r.offset - r0 + n]
+                    r.dest.copy_(src.view(r.dest.dtype).view(r.dest.shape))
+                results[i] = True
+                self.counters["hits"] += 1
+                self.counters["bytes_read"] += n
+                self.policy.touch(r.key)
+        finally:
+            for p in plans:
+                if p[5] is not None:
+                    await self._bounce.put(*p[5])
+            for e in pinned:
+                self._unpin(e)
+        return results
+
+    # --- the rest of the core ----------------------------------------------------------------------------
+    async def delete(self, key: bytes) -> bool:
+        self._check_open()
+        e = self._index.pop(key, None)
+        if e is None:
+            return False
+        self.policy.remove(key)
+        self._release(e)
+        await self._log([fmt.del_record(key)])
+        return True
+
+    async def contains(self, key: bytes) -> bool:
+        self._check_open()
+        return key in self._index
+
+    async def contains_many(self, keys: Sequence[bytes]) -> list[bool]:
+        self._check_open()
+        index = self._index
+        return [k in index for k in keys]
+
+    async def keys(self) -> AsyncIterator[bytes]:
+        self._check_open()
+        for k in list(self._index):
+            yield k
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            **super().stats(),
+            "path": self.path,
+            "block_device": self.is_block_device,
+            "objects": len(self._index),
+            "mem_align": self._mem_align,
+            "policy": self.policy.name,
+            **self.counters,
+        }

@@ -1,0 +1,345 @@
+"""asyncio front-end for the native io_uring binding (:mod:`kvpool._uring`).
+
+One ring per :class:`UringEngine`.  Completions reach asyncio through the
+ring's eventfd (``loop.add_reader``): no thread per I/O and no busy polling.
+
+Op tuples (see :mod:`kvpool._uring`)::
+
+    (OP_READ | OP_WRITE, 0, file_index, file_offset, ("fixed", buf_index, buf_offset, length))
+    (OP_READ | OP_WRITE, 0, file_index, file_offset, ("iov", [(address, length), ...]))
+    (OP_FSYNC, 0, file_index, 0, None)
+
+The second field (user_data) is assigned by the engine; callers pass 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ctypes
+import mmap
+from collections.abc import Sequence
+from typing import Any, Final, Protocol, cast
+
+import kvpool._uring as _uring  # noqa: PLR0402  (mypy cannot see the compiled submodule otherwise)
+
+__all__ = [
+    "OP_FSYNC",
+    "OP_READ",
+    "OP_WRITE",
+    "Op",
+    "UringEngine",
+    "alloc_aligned",
+    "buffer_address",
+    "probe",
+]
+
+OP_READ: Final[int] = int(_uring.OP_READ)
+OP_WRITE: Final[int] = int(_uring.OP_WRITE)
+OP_FSYNC: Final[int] = int(_uring.OP_FSYNC)
+
+#: (kind, user_data, file_index, file_offset, buffer-spec)
+Op = tuple[int, int, int, int, Any]
+
+_U64_MASK: Final = (1 << 64) - 1
+_HUGE_2M: Final = 2 * 1024 * 1024
+_MAP_HUGETLB: Final = 0x40000
+
+
+class _Ring(Protocol):
+    """Typed view of :class:`kvpool._uring.Ring`."""
+
+    @property
+    def eventfd(self) -> int: ...
+    @property
+    def entries(self) -> int: ...
+    @property
+    def in_flight(self) -> int: ...
+    def register_files(self, fds: list[int]) -> None: ...
+    def unregister_files(self) -> None: ...
+    def register_buffers(self, bufs: list[object]) -> None: ...
+    def unregister_buffers(self) -> None: ...
+    def check(self, ops: list[Op]) -> None: ...
+    def submit(self, ops: list[Op]) -> int: ...
+    def reap(self) -> list[tuple[int, int]]: ...
+    def wait(self, min_complete: int = 1) -> None: ...
+    def close(self) -> None: ...
+
+
+def probe() -> dict[str, Any]:
+    """``{'kernel_features': int, 'ops': set[int], 'sqpoll': bool}`` for this kernel."""
+    return cast(dict[str, Any], _uring.probe())
+
+
+class _Batch:
+    """Results of one ``submit()`` call, filled in completion order."""
+
+    __slots__ = ("future", "remaining", "results")
+
+    def __init__(self, n: int, future: asyncio.Future[list[int]]) -> None:
+        self.results: list[int] = [0] * n
+        self.remaining = n
+        self.future = future
+
+
+class UringEngine:
+    """One io_uring per engine, completions delivered to asyncio through the
+    ring's eventfd (``loop.add_reader``); no thread per I/O, no busy polling.
+
+    The number of ops in flight never exceeds :attr:`entries` (the CQ holds
+    twice that, so it cannot overflow); ``submit()`` waits for room (FIFO
+    across concurrent submitters) when the ring is full.
+    """
+
+    def __init__(self, entries: int = 256, sqpoll: bool = False) -> None:
+        self._ring: _Ring = cast(_Ring, _uring.Ring(entries, sqpoll))
+        self._entries: int = self._ring.entries
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._inflight: dict[int, tuple[_Batch, int]] = {}
+        self._next_ud = 1
+        self._room_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._closing = False
+        self._closed = False
+
+    # -- properties ----------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        """Ops submitted to the kernel whose completion has not been processed yet."""
+        return len(self._inflight)
+
+    @property
+    def entries(self) -> int:
+        """Ring size (the kernel rounds ``entries`` up to a power of two)."""
+        return self._entries
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- registration --------------------------------------------------------
+
+    def register_files(self, fds: list[int]) -> None:
+        self._check_open()
+        self._ring.register_files(list(fds))
+
+    def register_buffers(self, bufs: list[object]) -> None:
+        self._check_open()
+        self._ring.register_buffers(list(bufs))
+
+    def unregister_files(self) -> None:
+        self._check_open()
+        self._ring.unregister_files()
+
+    def unregister_buffers(self) -> None:
+        self._check_open()
+        self._ring.unregister_buffers()
+
+    # -- I/O -----------------------------------------------------------------
+
+    async def submit(self, ops: Sequence[Op]) -> list[int]:
+        """Submit ``ops`` and return per-op results (bytes or ``-errno``) in op order.
+
+        The whole batch is validated before anything is queued (``TypeError`` /
+        ``ValueError``).  If the awaiting task is cancelled, ops already handed
+        to the kernel still complete and are reaped; the rest are not submitted.
+        """
+        self._check_open()
+        loop = self._bind()
+        batch_ops = list(ops)
+        n = len(batch_ops)
+        if n == 0:
+            return []
+        self._ring.check(batch_ops)
+        batch = _Batch(n, loop.create_future())
+        i = 0
+        woken = False
+        try:
+            while i < n:
+                room = self._entries - len(self._inflight)
+                if room <= 0 or (self._room_waiters and not woken):
+                    await self._wait_room(kick=room > 0)
+                    woken = True
+                    if self._closing:
+                        raise RuntimeError("UringEngine closed while submitting")
+                    continue
+                woken = False
+                chunk: list[Op] = []
+                for j in range(i, min(n, i + room)):
+                    op = batch_ops[j]
+                    ud = self._alloc_user_data()
+                    chunk.append((op[0], ud, op[2], op[3], op[4]))
+                    self._inflight[ud] = (batch, j)
+                try:
+                    done = self._ring.submit(chunk)
+                except BaseException:
+                    for op in chunk:
+                        del self._inflight[op[1]]
+                    raise
+                # The kernel may refuse a tail of the chunk; those ops were not
+                # queued and are retried on the next round.
+                for op in chunk[done:]:
+                    del self._inflight[op[1]]
+                if done <= 0:  # the ring raises rather than accept nothing
+                    raise RuntimeError("io_uring accepted no operations")
+                i += done
+                if len(self._inflight) < self._entries:
+                    self._wake_next()
+            return await batch.future
+        except BaseException:
+            # Abandon the batch; already-submitted ops are still reaped by
+            # _on_ready, which never touches a done future.
+            if not batch.future.done():
+                batch.future.cancel()
+            raise
+
+    async def aclose(self) -> None:
+        """Wait for in-flight I/O, detach from the loop and close the ring. Idempotent."""
+        if self._closed:
+            return
+        self._closing = True
+        # Submitters waiting for room give up (their submitted ops still drain).
+        while self._room_waiters:
+            fut = self._room_waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+        if self._inflight:
+            loop = self._loop
+            assert loop is not None  # ops in flight imply a bound loop
+            if loop is not asyncio.get_running_loop():
+                raise RuntimeError("UringEngine.aclose() must run on the loop the engine is bound to")
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._drain_waiters.append(waiter)
+            await waiter
+        if self._closed:  # a concurrent aclose() finished first
+            return
+        self._closed = True
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self._ring.eventfd)
+        self._ring.close()
+
+    # -- internals -----------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closing:
+            raise RuntimeError("UringEngine is closed")
+
+    def _bind(self) -> asyncio.AbstractEventLoop:
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            loop.add_reader(self._ring.eventfd, self._on_ready)
+            self._loop = loop
+        elif self._loop is not loop:
+            raise RuntimeError("UringEngine is bound to a different event loop")
+        return loop
+
+    def _alloc_user_data(self) -> int:
+        ud = self._next_ud
+        while ud in self._inflight:  # only after 2**64 ops; keep it correct anyway
+            ud = (ud + 1) & _U64_MASK
+        self._next_ud = (ud + 1) & _U64_MASK
+        return ud
+
+    async def _wait_room(self, *, kick: bool) -> None:
+        assert self._loop is not None
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._room_waiters.append(fut)
+        if kick:
+            # There is room but others queued first: let the head go.
+            self._wake_next()
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self._wake_next()  # we were woken: pass the turn on
+            else:
+                try:
+                    self._room_waiters.remove(fut)
+                except ValueError:
+                    pass
+            raise
+
+    def _wake_next(self) -> None:
+        while self._room_waiters:
+            fut = self._room_waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+
+    def _on_ready(self) -> None:
+        completions = self._ring.reap()
+        if not completions:
+            return
+        inflight = self._inflight
+        for ud, res in completions:
+            entry = inflight.pop(ud, None)
+            if entry is None:
+                continue
+            batch, idx = entry
+            batch.results[idx] = res
+            batch.remaining -= 1
+            if batch.remaining == 0 and not batch.future.done():
+                batch.future.set_result(batch.results)
+        if len(inflight) < self._entries:
+            self._wake_next()
+        if not inflight and self._drain_waiters:
+            waiters, self._drain_waiters = self._drain_waiters, []
+            for w in waiters:
+                if not w.done():
+                    w.set_result(None)
+
+
+def _hugepages_free_bytes() -> int:
+    """Free 2 MiB hugetlb pages, in bytes (0 if unknown or another default size)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            info = dict(line.split(":", 1) for line in f if ":" in line)
+        size_kb = int(info["Hugepagesize"].split()[0])
+        free = int(info["HugePages_Free"].split()[0])
+    except (OSError, KeyError, ValueError, IndexError):
+        return 0
+    if size_kb * 1024 != _HUGE_2M:
+        return 0
+    return free * _HUGE_2M
+
+
+def alloc_aligned(nbytes: int, *, hugepages: bool = True) -> mmap.mmap:
+    """Anonymous, page-aligned, writable memory suitable for O_DIRECT and fixed buffers.
+
+    With ``hugepages`` and ``nbytes`` a multiple of 2 MiB, hugetlb pages are
+    used when enough are free; otherwise a normal mapping is returned, advised
+    with ``MADV_HUGEPAGE`` (transparent huge pages) when available.
+    """
+    if nbytes <= 0:
+        raise ValueError(f"nbytes must be positive, got {nbytes}")
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    prot = mmap.PROT_READ | mmap.PROT_WRITE
+    if hugepages and nbytes % _HUGE_2M == 0:
+        try:
+            with open("/proc/sys/vm/nr_hugepages", encoding="ascii") as f:
+                nr = int(f.read().strip() or 0)
+        except (OSError, ValueError):
+            nr = 0
+        if nr > 0 and _hugepages_free_bytes() >= nbytes:
+            try:
+                return mmap.mmap(-1, nbytes, flags=flags | _MAP_HUGETLB, prot=prot)
+            except OSError:
+                pass  # raced with another allocator, or no reservation: fall back
+    buf = mmap.mmap(-1, nbytes, flags=flags, prot=prot)
+    madv = getattr(mmap, "MADV_HUGEPAGE", None)
+    if hugepages and madv is not None and nbytes >= _HUGE_2M:
+        try:
+            buf.madvise(madv)
+        except OSError:
+            pass  # THP disabled: advisory only
+    return buf
+
+
+def buffer_address(buf: object) -> int:
+    """Address of the first byte of a writable, non-empty buffer.
+
+    The caller must keep ``buf`` alive (and un-resized) while the kernel uses
+    the address.
+    """
+    return ctypes.addressof(ctypes.c_char.from_buffer(cast(Any, buf)))
