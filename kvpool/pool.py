@@ -25,6 +25,18 @@ from .registry import backend_from_spec
 __all__ = ["KVPool"]
 
 _DEFAULT_PREFETCH_LAYERS = 2
+_PAGE = 4096
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A contiguous tensor whose data starts on a page boundary, so SSD tiers can DMA straight into it."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    n = 1
+    for d in shape:
+        n *= d
+    raw = torch.empty(n * itemsize + _PAGE, dtype=torch.uint8)
+    shift = (-raw.data_ptr()) % _PAGE
+    return raw[shift : shift + n * itemsize].view(dtype).view(shape)
 
 
 class KVPool:
@@ -213,7 +225,7 @@ class KVPool:
         self._check_open()
         keys = self._hasher.keys(tokens)
         where = await self._locate(keys)
-        out = torch.empty(self.layout.kv_shape(len(where) * self.layout.chunk_tokens), dtype=self.layout.dtype)
+        out = _aligned_empty(self.layout.kv_shape(len(where) * self.layout.chunk_tokens), self.layout.dtype)
         n = await self._read_chunks(keys, where, out)
         self._account(len(keys), n)
         if n < out.shape[2]:
@@ -255,7 +267,7 @@ class KVPool:
         shape = (2, hit, self.layout.num_kv_heads, self.layout.head_dim)
 
         async def read_layer(layer: int) -> torch.Tensor:
-            x = torch.empty(shape, dtype=self.layout.dtype)
+            x = _aligned_empty(shape, self.layout.dtype)
             off = self.layout.layer_offset(layer)
             ok = await self._read_views(
                 keys, where, [self.layout.layer_chunk_view(x, c) for c in range(len(where))], off

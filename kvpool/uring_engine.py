@@ -227,11 +227,17 @@ class UringEngine:
 
     def _bind(self) -> asyncio.AbstractEventLoop:
         loop = asyncio.get_running_loop()
-        if self._loop is None:
-            loop.add_reader(self._ring.eventfd, self._on_ready)
-            self._loop = loop
-        elif self._loop is not loop:
-            raise RuntimeError("UringEngine is bound to a different event loop")
+        if self._loop is loop:
+            return loop
+        if self._loop is not None:
+            # Re-binding is only safe once the old loop is gone and nothing is
+            # in flight (e.g. sequential asyncio.run() calls).
+            if not self._loop.is_closed() or self._inflight:
+                raise RuntimeError("UringEngine is bound to a different event loop")
+            self._loop = None
+            self._room_waiters.clear()
+        loop.add_reader(self._ring.eventfd, self._on_ready)
+        self._loop = loop
         return loop
 
     def _alloc_user_data(self) -> int:

@@ -8,7 +8,8 @@ import gc
 import mmap
 import os
 import select
-from collections.abc import Awaitable, Callable, Iterator
+import threading
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -39,7 +40,7 @@ T = TypeVar("T")
 
 
 @pytest.fixture(params=["asyncio", "uvloop"])
-def run(request: pytest.FixtureRequest) -> Callable[[Callable[[], Awaitable[T]]], T]:
+def run(request: pytest.FixtureRequest) -> Callable[[Callable[[], Coroutine[Any, Any, T]]], T]:
     """Run a coroutine function on a fresh loop of the requested kind; fail on
     any error the loop's exception handler saw (leaked futures, callback errors)."""
     if request.param == "uvloop":
@@ -48,11 +49,11 @@ def run(request: pytest.FixtureRequest) -> Callable[[Callable[[], Awaitable[T]]]
     else:
         factory = asyncio.new_event_loop
 
-    def _run(fn: Callable[[], Awaitable[T]]) -> T:
+    def _run(fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
         errors: list[dict[str, Any]] = []
         with asyncio.Runner(loop_factory=factory) as runner:
             runner.get_loop().set_exception_handler(lambda _loop, ctx: errors.append(ctx))
-            result = runner.run(fn())  # type: ignore[arg-type]
+            result = runner.run(fn())
             gc.collect()
         assert not errors, errors
         return result
@@ -239,7 +240,7 @@ def test_ring_validation_rejects_whole_batch(plain_fd: int) -> None:
             ring.check([bad])
         assert ring.in_flight == 0
     with pytest.raises(TypeError):
-        ring.submit((op for op in [good]))  # type: ignore[arg-type]
+        ring.submit(op for op in [good])
     with pytest.raises(ValueError, match="exceeds ring entries"):
         ring.submit([good] * (ring.entries + 1))
     ring.check([good] * (ring.entries + 1))  # check() has no size limit
@@ -259,7 +260,7 @@ def test_ring_registration_rules(plain_fd: int, tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         ring.register_files([-2])
     with pytest.raises(TypeError):
-        ring.register_files(["0"])  # type: ignore[list-item]
+        ring.register_files(["0"])
     ring.register_files([plain_fd])
     with pytest.raises(RuntimeError, match="already registered"):
         ring.register_files([plain_fd])
@@ -509,7 +510,7 @@ def test_engine_backpressure_many_submitters(run: Any, plain_fd: int) -> None:
     async def main() -> None:
         engine = UringEngine(8)
         spy = Spy(engine._ring)
-        engine._ring = spy  # type: ignore[assignment]
+        engine._ring = spy
         engine.register_files([plain_fd])
         buf = bytearray(nblocks * 512)
         engine.register_buffers([buf])
@@ -586,7 +587,7 @@ def test_engine_aclose_with_in_flight(run: Any, direct_fd: int) -> None:
     assert os.fstat(direct_fd).st_size == 8 << 20
 
 
-def test_engine_aclose_unbound_and_wrong_loop(run: Any, plain_fd: int) -> None:
+def test_engine_loop_binding(run: Any, plain_fd: int) -> None:
     async def never_used() -> None:
         await UringEngine(4).aclose()
 
@@ -594,19 +595,59 @@ def test_engine_aclose_unbound_and_wrong_loop(run: Any, plain_fd: int) -> None:
 
     engine = UringEngine(4)
     engine.register_files([plain_fd])
+    fsync = [(OP_FSYNC, 0, 0, 0, None)]
 
     async def use() -> list[int]:
-        return await engine.submit([(OP_FSYNC, 0, 0, 0, None)])
+        return await engine.submit(fsync)
 
+    first = asyncio.new_event_loop()
+    try:
+        assert first.run_until_complete(use()) == [0]
+
+        async def while_first_alive() -> None:
+            with pytest.raises(RuntimeError, match="different event loop"):
+                await engine.submit(fsync)
+
+        run(while_first_alive)
+    finally:
+        first.close()
+    # the first loop is closed and idle: the engine moves to the new loop
     assert run(use) == [0]
 
-    async def other_loop() -> None:
-        with pytest.raises(RuntimeError, match="different event loop"):
-            await engine.submit([(OP_FSYNC, 0, 0, 0, None)])
-        await engine.aclose()  # nothing in flight: closing from another loop is fine
+    async def close() -> None:
+        await engine.aclose()
 
-    run(other_loop)
+    run(close)  # bound loop closed, nothing in flight: closing from another loop is fine
     assert engine.closed
+
+
+def test_ring_concurrent_threads(plain_fd: int) -> None:
+    """Several threads submitting on one ring while another waits and reaps."""
+    ring = _uring.Ring(64)
+    ring.register_files([plain_fd])
+    nthreads, per_thread = 4, 200
+    errors: list[BaseException] = []
+
+    def submitter(t: int) -> None:
+        try:
+            for i in range(per_thread):
+                assert ring.submit([(OP_FSYNC, t * per_thread + i, 0, 0, None)]) == 1
+        except BaseException as e:  # noqa: BLE001  (re-reported by the main thread)
+            errors.append(e)
+
+    threads = [threading.Thread(target=submitter, args=(t,)) for t in range(nthreads)]
+    for th in threads:
+        th.start()
+    got: list[tuple[int, int]] = []
+    while len(got) < nthreads * per_thread:
+        ring.wait(1)
+        got.extend(ring.reap())
+    for th in threads:
+        th.join()
+    assert not errors
+    assert sorted(ud for ud, _ in got) == list(range(nthreads * per_thread))
+    assert all(res == 0 for _, res in got) and ring.in_flight == 0
+    ring.close()
 
 
 @pytest.mark.skipif(not _PROBE["sqpoll"], reason="SQPOLL rings not permitted for this process")

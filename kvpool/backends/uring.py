@@ -48,7 +48,8 @@ log = logging.getLogger("kvpool.uring")
 
 BLOCK = fmt.BLOCK
 _IOV_MAX = 512  # iovecs per SQE (the kernel's limit is 1024)
-_MAX_IO = 8 << 20  # split larger ranges so the device sees many requests in parallel
+_MAX_IO = 8 << 20
+_LOCK_WAIT_S = 2.0  # split larger ranges so the device sees many requests in parallel
 
 
 def _runs(t: torch.Tensor) -> list[tuple[int, int]]:
@@ -282,10 +283,19 @@ class UringBackend(Backend):
             if exc.errno == errno_mod.EINVAL:
                 raise self._oserror(exc.errno, f"{path}: the filesystem does not support O_DIRECT") from exc
             raise self._oserror(exc.errno or errno_mod.EIO, f"cannot open {path}") from exc
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            raise PoolLockedError(exc.errno, f"{path} is already used by another open pool", path) from exc
+        # A process killed a moment ago still holds the lock until the kernel tears its ring down (the ring's
+        # registered-file reference keeps the open file alive): wait a little before calling the file taken.
+        deadline = asyncio.get_running_loop().time() + _LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno_mod.EWOULDBLOCK, errno_mod.EAGAIN):
+                    raise self._oserror(exc.errno or errno_mod.EIO, f"cannot lock {path}") from exc
+                if asyncio.get_running_loop().time() >= deadline:
+                    raise PoolLockedError(exc.errno, f"{path} is already used by another open pool", path) from exc
+                await asyncio.sleep(0.02)
 
         if self.is_block_device:
             dev_size = os.lseek(self._fd, 0, os.SEEK_END)
@@ -504,12 +514,12 @@ class UringBackend(Backend):
         self.counters["recovered_objects"] = len(self._index)
         await self._checkpoint()  # compact: the replayed journal is folded into a new checkpoint
 
-    async def _checkpoint(self) -> None:
+    async def _checkpoint(self, index: dict[bytes, fmt.Entry] | None = None) -> None:
         """Write the whole index to the older slot with a new epoch; the journal starts over."""
         geo = self._geo
         assert geo is not None
         epoch = self._epoch + 1
-        entries = sorted(self._index.values(), key=lambda e: e.seq)
+        entries = sorted((self._index if index is None else index).values(), key=lambda e: e.seq)
         data = fmt.pack_checkpoint(epoch, entries)
         if len(data) > geo.ckpt_len:  # cannot happen: writes keep _meta_bytes within the slot
             raise self._oserror(errno_mod.ENOSPC, "checkpoint does not fit its slot")
@@ -571,18 +581,15 @@ class UringBackend(Backend):
 
     async def _checkpoint_with(self, batch: list[tuple[list[bytes], asyncio.Future[None]]]) -> None:
         """Checkpoint the index as it will be once ``batch`` is applied (its puts are not yet published)."""
-        saved = dict(self._index)
+        snapshot = dict(self._index)
         for recs, _ in batch:
             for r in recs:
                 if r[0] == fmt.REC_PUT:
                     e, _pos = fmt.Entry.unpack_from(r, 1)
-                    self._index[e.key] = e
+                    snapshot[e.key] = e
                 else:
-                    self._index.pop(r[1:17], None)
-        try:
-            await self._checkpoint()
-        finally:
-            self._index = saved
+                    snapshot.pop(r[1:17], None)
+        await self._checkpoint(snapshot)
 
     # --- space -------------------------------------------------------------------------------------------
     def _release(self, e: fmt.Entry) -> None:
