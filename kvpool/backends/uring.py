@@ -275,9 +275,21 @@ class UringBackend(Backend):
             flags |= os.O_CREAT
         elif st is not None and not stat.S_ISREG(st.st_mode):
             raise ConfigError(f"uring://{path} is neither a regular file nor a block device")
-        try:
-            self._fd = os.open(path, flags, 0o600)
-        except OSError as exc:
+        deadline = asyncio.get_running_loop().time() + _LOCK_WAIT_S
+        err: OSError | None = None
+        while True:
+            try:
+                self._fd = os.open(path, flags, 0o600)
+                break
+            except OSError as exc:
+                # EBUSY: mounted, or held exclusively -- perhaps by the ring of a pool closed a moment ago
+                if exc.errno != errno_mod.EBUSY or asyncio.get_running_loop().time() >= deadline:
+                    err = exc
+                    break
+                await asyncio.sleep(0.02)
+        if self._fd < 0:
+            assert err is not None
+            exc = err
             if exc.errno == errno_mod.EBUSY:
                 raise PoolLockedError(exc.errno, f"{path} is in use (mounted or opened exclusively)", path) from exc
             if exc.errno == errno_mod.EINVAL:
@@ -285,7 +297,6 @@ class UringBackend(Backend):
             raise self._oserror(exc.errno or errno_mod.EIO, f"cannot open {path}") from exc
         # A process killed a moment ago still holds the lock until the kernel tears its ring down (the ring's
         # registered-file reference keeps the open file alive): wait a little before calling the file taken.
-        deadline = asyncio.get_running_loop().time() + _LOCK_WAIT_S
         while True:
             try:
                 fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

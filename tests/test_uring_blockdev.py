@@ -1,0 +1,103 @@
+"""The uring:// tier on a raw block device (a loop device from the shared testbed, or our own): no filesystem
+in the data path. Needs root and loop devices; skipped with the reason otherwise."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvpool import KVLayout, KVPool, PoolLockedError
+from kvpool.backends.uring import UringBackend
+from kvpool.testing import BackendTests
+from kvpool.testing.backend_tests import rand_bytes, rand_key
+
+MiB = 1 << 20
+pytestmark = pytest.mark.blockdev
+
+
+def _can_loop() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root for losetup"
+    if not shutil.which("losetup"):
+        return "losetup not installed"
+    if not os.path.exists("/dev/loop-control"):
+        return "no loop device support"
+    return None
+
+
+@pytest.fixture(scope="module")
+def loopdev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    why = _can_loop()
+    if why:
+        pytest.skip(why)
+    img = tmp_path_factory.mktemp("blk") / "dev.img"
+    with open(img, "wb") as f:
+        f.truncate(64 * MiB)
+    try:
+        dev = subprocess.run(
+            ["losetup", "--find", "--show", "--direct-io=on", str(img)], check=True, capture_output=True, text=True
+        ).stdout.strip()
+    except subprocess.CalledProcessError as exc:
+        pytest.skip(f"losetup failed: {exc.stderr.strip()}")
+    try:
+        yield dev
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
+
+
+class TestUringBlockDeviceConformance(BackendTests):
+    capacity = 8 * MiB
+
+    @pytest.fixture(autouse=True)
+    def _dev(self, loopdev: str) -> None:
+        self.dev = loopdev
+
+    async def make_backend(self, tmp_path: Path, capacity: int) -> UringBackend:
+        # A new test starts from a blank device (its superblock wiped); a reopen within a test does not.
+        marker = tmp_path / ".device-wiped"
+        if not marker.exists():
+            tmp_path.mkdir(parents=True, exist_ok=True)
+            with open(self.dev, "r+b", buffering=0) as f:
+                f.write(b"\0" * 4096)
+                os.fsync(f.fileno())
+            marker.touch()
+        return UringBackend(self.dev, capacity + 256 * 1024)
+
+
+async def test_blockdev_pool_roundtrip_and_reopen(loopdev: str) -> None:
+    layout = KVLayout(num_layers=4, num_kv_heads=4, head_dim=64, dtype=torch.float16, chunk_tokens=64)
+    tokens = list(range(256))
+    kv = torch.randn(layout.kv_shape(256)).half()
+    spec = f"uring://{loopdev}?capacity=32MiB"
+    async with await KVPool.open(layout=layout, model_id="m", backends=[spec]) as pool:
+        assert pool.tiers[0].stats()["block_device"] is True
+        await pool.put(tokens, kv)
+        with pytest.raises(PoolLockedError):
+            await UringBackend(loopdev, 32 * MiB).open()
+    async with await KVPool.open(layout=layout, model_id="m", backends=[spec]) as pool:
+        assert await pool.lookup(tokens) == 256
+        assert torch.equal(await pool.get(tokens), kv)
+        layers = [x async for _, x in pool.stream(tokens)]
+        assert all(torch.equal(x, kv[i]) for i, x in enumerate(layers))
+
+
+async def test_blockdev_capacity_larger_than_device(loopdev: str) -> None:
+    from kvpool import ConfigError
+
+    with pytest.raises(ConfigError, match="exceeds"):
+        await UringBackend(loopdev, 1 << 40).open()
+
+
+async def test_blockdev_whole_device_default_capacity(loopdev: str) -> None:
+    async with UringBackend(loopdev) as b:
+        assert b.capacity is not None and 60 * MiB < b.capacity < 64 * MiB
+        k, d = rand_key(), rand_bytes(3 * MiB)
+        await b.write(k, d)
+        out = torch.empty_like(d)
+        assert await b.read_into(k, out) and torch.equal(out, d)
