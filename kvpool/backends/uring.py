@@ -289,12 +289,11 @@ class UringBackend(Backend):
                 await asyncio.sleep(0.02)
         if self._fd < 0:
             assert err is not None
-            exc = err
-            if exc.errno == errno_mod.EBUSY:
-                raise PoolLockedError(exc.errno, f"{path} is in use (mounted or opened exclusively)", path) from exc
-            if exc.errno == errno_mod.EINVAL:
-                raise self._oserror(exc.errno, f"{path}: the filesystem does not support O_DIRECT") from exc
-            raise self._oserror(exc.errno or errno_mod.EIO, f"cannot open {path}") from exc
+            if err.errno == errno_mod.EBUSY:
+                raise PoolLockedError(err.errno, f"{path} is in use (mounted or opened exclusively)", path) from err
+            if err.errno == errno_mod.EINVAL:
+                raise self._oserror(err.errno, f"{path}: the filesystem does not support O_DIRECT") from err
+            raise self._oserror(err.errno or errno_mod.EIO, f"cannot open {path}") from err
         # A process killed a moment ago still holds the lock until the kernel tears its ring down (the ring's
         # registered-file reference keeps the open file alive): wait a little before calling the file taken.
         while True:
@@ -459,6 +458,7 @@ class UringBackend(Backend):
         geo = self._geo
         assert geo is not None
         best: tuple[int, list[fmt.Entry]] | None = None
+        entries: list[fmt.Entry]
         for slot in (geo.ckpt_a, geo.ckpt_b):
             head = await self._read_meta(slot, BLOCK)
             h = fmt.checkpoint_header(head) if head else None
@@ -480,7 +480,7 @@ class UringBackend(Backend):
         if best is None:
             log.warning("%s: no valid checkpoint; starting empty", self.path)
             self._epoch = random.getrandbits(62)
-            entries: list[fmt.Entry] = []
+            entries = []
         else:
             self._epoch, entries = best
         live: dict[bytes, fmt.Entry] = {e.key: e for e in entries}
@@ -644,12 +644,40 @@ class UringBackend(Backend):
     async def write(self, key: bytes, src: torch.Tensor) -> None:
         await self.write_many([(key, src)])
 
+    def _groups(self, sizes: list[int]) -> list[range]:
+        """Split a batch so that each group's staging memory fits in half the bounce buffer."""
+        assert self._bounce is not None
+        cap = self._bounce.alloc.capacity // 2
+        groups, start, acc = [], 0, 0
+        for i, n in enumerate(sizes):
+            n = n if n <= self._bounce.alloc.capacity else 0  # larger ones use private staging memory
+            if acc + n > cap and i > start:
+                groups.append(range(start, i))
+                start, acc = i, 0
+            acc += n
+        groups.append(range(start, len(sizes)))
+        return groups
+
     async def write_many(self, items: Sequence[tuple[bytes, torch.Tensor]]) -> None:
         self._check_open()
-        assert self._engine is not None and self._bounce is not None
         for _, src in items:
             if nbytes_of(src) == 0:
                 raise ValueError("cannot store an empty object")
+        if not items:
+            return
+        groups = self._groups([fmt.align_up(nbytes_of(s)) for _, s in items])
+        if len(groups) == 1:
+            await self._write_group(items)
+        else:
+            await asyncio.gather(*(self._write_group([items[i] for i in g]) for g in groups))
+
+    async def _write_group(self, items: Sequence[tuple[bytes, torch.Tensor]]) -> None:
+        assert self._engine is not None and self._bounce is not None
+        # One reservation of staging memory per group, taken atomically: groups never deadlock on it.
+        need = sum(fmt.align_up(nbytes_of(s)) for _, s in items)
+        need = need if need <= self._bounce.alloc.capacity else 0
+        res_base = await self._bounce.get(need) if need else 0
+        cursor = 0
         # stage each object: checksums, an extent, and either direct iovecs or a bounce copy
         staged: list[tuple[bytes, fmt.Entry, list[tuple[int, int]], tuple[int, int] | None]] = []
         dels: list[bytes] = []
@@ -672,7 +700,7 @@ class UringBackend(Backend):
                     staged.append((key, e, runs, None))
                 else:
                     ext = e.extent
-                    if ext > self._bounce.alloc.capacity:
+                    if not need or cursor + ext > need:
                         # too large to stage at once: a contiguous aligned copy of our own
                         tmp = torch.zeros(ext + BLOCK, dtype=torch.uint8)
                         shift = (-tmp.data_ptr()) % BLOCK
@@ -681,7 +709,8 @@ class UringBackend(Backend):
                         keep.append(tmp)
                         staged.append((key, e, [(tmp.data_ptr(), ext)], None))
                     else:
-                        boff = await self._bounce.get(ext)
+                        boff = res_base + cursor
+                        cursor += ext
                         view = self._bounce.tensor[boff : boff + ext]
                         view[:n].view(src.dtype).view(src.shape).copy_(src)
                         if ext > n:
@@ -715,9 +744,8 @@ class UringBackend(Backend):
                     pass
             raise
         finally:
-            for _key, _e, _r, b in staged:
-                if b is not None:
-                    await self._bounce.put(*b)
+            if need:
+                await self._bounce.put(res_base, need)
         for key, e, _runs_, _b in staged:
             e.pins = 0
             old = self._index.get(key)
@@ -753,9 +781,31 @@ class UringBackend(Backend):
     async def read_into(self, key: bytes, dest: torch.Tensor, offset: int = 0) -> bool:
         return (await self.read_many([ReadRequest(key, dest, offset)]))[0]
 
+    def _span(self, r: ReadRequest) -> int:
+        """Bytes a read stages at most: the covering checksum parts (0 for a missing key)."""
+        e = self._index.get(r.key)
+        if e is None:
+            return 0
+        n = nbytes_of(r.dest)
+        parts = fmt.parts_covering(e, r.offset, min(r.offset + n, e.length))
+        return fmt.align_up(min(parts.stop * e.part_size, e.length)) - parts.start * e.part_size
+
     async def read_many(self, requests: Sequence[ReadRequest]) -> list[bool]:
         self._check_open()
+        if not requests:
+            return []
+        groups = self._groups([self._span(r) for r in requests])
+        if len(groups) == 1:
+            return await self._read_group(requests)
+        parts = await asyncio.gather(*(self._read_group([requests[i] for i in g]) for g in groups))
+        return [ok for part in parts for ok in part]
+
+    async def _read_group(self, requests: Sequence[ReadRequest]) -> list[bool]:
         assert self._engine is not None and self._bounce is not None and self._geo is not None
+        need = sum(sp for sp in map(self._span, requests) if sp <= self._bounce.alloc.capacity)
+        need = need if need <= self._bounce.alloc.capacity else 0
+        res_base = await self._bounce.get(need) if need else 0
+        cursor = 0
         results = [False] * len(requests)
         plans: list[tuple[int, fmt.Entry, int, int, list[tuple[int, int]], tuple[int, int] | None, torch.Tensor]] = []
         pinned: list[fmt.Entry] = []
@@ -791,7 +841,7 @@ class UringBackend(Backend):
                         op_owner.append(len(plans) - 1)
                     self.counters["direct_reads"] += 1
                 else:
-                    if span > self._bounce.alloc.capacity:
+                    if cursor + span > need:
                         tmp = torch.empty(span + BLOCK, dtype=torch.uint8)
                         shift = (-tmp.data_ptr()) % BLOCK
                         tmp = tmp[shift : shift + span]
@@ -800,7 +850,8 @@ class UringBackend(Backend):
                             ops.append(op)
                             op_owner.append(len(plans) - 1)
                     else:
-                        boff = await self._bounce.get(span)
+                        boff = res_base + cursor
+                        cursor += span
                         plans.append((i, e, r0, r1, [(self._bounce.addr + boff, span)], (boff, span), dest))
                         for o in range(0, span, _MAX_IO):
                             ops.append((OP_READ, 0, 0, file_off + o, ("fixed", 0, boff + o, min(_MAX_IO, span - o))))
@@ -841,9 +892,8 @@ class UringBackend(Backend):
                 self.counters["bytes_read"] += n
                 self.policy.touch(r.key)
         finally:
-            for p in plans:
-                if p[5] is not None:
-                    await self._bounce.put(*p[5])
+            if need:
+                await self._bounce.put(res_base, need)
             for e in pinned:
                 self._unpin(e)
         return results

@@ -1,0 +1,168 @@
+"""Remote tier (redis://) against plain redis-py on the same server, in the same run.
+
+Figures (medians; the contenders are interleaved so drift hits them alike):
+  get   RedisBackend.read_into of a 32 MiB object (4 MiB parts, every part verified, copied into a tensor)
+        vs ``await r.get(k)`` of a 32 MiB value set directly -- target ratio >= 0.8; and vs a plain pipelined
+        GET of the same bytes stored as 4 MiB values (the transport alone: what verification and copy cost)
+  put   RedisBackend.write of the same object vs ``await r.set(k, v)`` (informational)
+  lookup of a 512-chunk prompt: contains_many of 512 keys, one pipeline, in ms
+
+It starts its own redis-server on a free loopback port and stops it at the end.
+
+    python benchmarks/bench_redis.py [--repeat 21] [--size-mib 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _util import save  # noqa: E402
+
+import redis.asyncio as aredis  # noqa: E402
+
+from kvpool.backends.redis import RedisBackend  # noqa: E402
+
+MiB = 1 << 20
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(workdir: str) -> tuple[subprocess.Popen[bytes], int]:
+    if shutil.which("redis-server") is None:
+        sys.exit("redis-server is not installed")
+    for _ in range(5):
+        port = free_port()
+        proc = subprocess.Popen(
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", workdir, "--logfile", os.path.join(workdir, "redis.log")],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return proc, port
+            except OSError:
+                pass
+            time.sleep(0.02)
+        proc.kill()
+        proc.wait()
+    sys.exit("redis-server did not start")
+
+
+async def timed(coro_fn) -> float:  # type: ignore[no-untyped-def]
+    t0 = time.perf_counter()
+    await coro_fn()
+    return time.perf_counter() - t0
+
+
+async def run(port: int, repeat: int, size: int) -> dict[str, float]:
+    url = f"redis://127.0.0.1:{port}/0"
+    r = aredis.Redis(host="127.0.0.1", port=port)
+    g = torch.Generator().manual_seed(0)
+    data = torch.randint(0, 256, (size,), dtype=torch.uint8, generator=g)
+    raw = data.numpy().tobytes()
+    dest = torch.empty_like(data)
+    res: dict[str, float] = {"object_MiB": size / MiB}
+    async with RedisBackend(url, prefix="bench:") as b:
+        key = os.urandom(16)
+        await b.write(key, data)
+        await r.set("plain:obj", raw)
+        # the same bytes as plain 4 MiB values, fetched in one pipeline: the transport RedisBackend rides on
+        ps = b.part_size
+        nparts = -(-size // ps)
+        for i in range(nparts):
+            await r.set(f"plain:part:{i}", raw[i * ps : (i + 1) * ps])
+
+        async def plain_parts() -> list[bytes]:
+            pipe = r.pipeline(transaction=False)
+            for i in range(nparts):
+                pipe.get(f"plain:part:{i}")
+            return list(await pipe.execute())
+
+        assert b"".join(await plain_parts()) == raw
+        assert await b.read_into(key, dest) and torch.equal(dest, data)
+        assert await r.get("plain:obj") == raw
+
+        rows: dict[str, list[float]] = {
+            k: [] for k in ("plain_get", "plain_parts_get", "read_into", "plain_set", "write")
+        }
+        for _ in range(2):  # warm-up
+            await r.get("plain:obj")
+            await b.read_into(key, dest)
+        for _ in range(repeat):
+            rows["plain_get"].append(await timed(lambda: r.get("plain:obj")))
+            rows["plain_parts_get"].append(await timed(plain_parts))
+            rows["read_into"].append(await timed(lambda: b.read_into(key, dest)))
+            rows["plain_set"].append(await timed(lambda: r.set("plain:obj2", raw)))
+            rows["write"].append(await timed(lambda: b.write(key, data)))
+        assert await b.read_into(key, dest) and torch.equal(dest, data)
+        for k, v in rows.items():
+            res[f"{k}_GBps"] = size / statistics.median(v) / 1e9
+        res["get_ratio"] = res["read_into_GBps"] / res["plain_get_GBps"]
+        res["get_vs_parts_ratio"] = res["read_into_GBps"] / res["plain_parts_get_GBps"]
+        res["put_ratio"] = res["write_GBps"] / res["plain_set_GBps"]
+
+        # lookup of a 512-chunk prompt
+        keys = [os.urandom(16) for _ in range(512)]
+        small = torch.zeros(4096, dtype=torch.uint8)
+        await b.write_many([(k, small) for k in keys])
+        assert await b.contains_many(keys) == [True] * 512
+        ts = [await timed(lambda: b.contains_many(keys)) for _ in range(max(repeat, 21))]
+        res["lookup_512_ms"] = statistics.median(ts) * 1e3
+        ts = [await timed(lambda: b.contains_many(keys[:1])) for _ in range(max(repeat, 21))]
+        res["lookup_1_ms"] = statistics.median(ts) * 1e3
+        res["stats_corrupt"] = b.stats()["corrupt"]
+    await r.aclose()
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeat", type=int, default=21)
+    ap.add_argument("--size-mib", type=int, default=32)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, port = start_server(tmp)
+        try:
+            res = asyncio.run(run(port, args.repeat, args.size_mib * MiB))
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(10)
+    print(f"{'figure':<34}{'value':>12}")
+    print(f"{'plain redis-py GET':<34}{res['plain_get_GBps']:>9.2f} GB/s")
+    print(f"{'RedisBackend.read_into':<34}{res['read_into_GBps']:>9.2f} GB/s")
+    print(f"{'  ratio (target >= 0.8)':<34}{res['get_ratio']:>12.2f}")
+    print(f"{'plain pipelined GET of the parts':<34}{res['plain_parts_get_GBps']:>9.2f} GB/s")
+    print(f"{'  read_into / that':<34}{res['get_vs_parts_ratio']:>12.2f}")
+    print(f"{'plain redis-py SET':<34}{res['plain_set_GBps']:>9.2f} GB/s")
+    print(f"{'RedisBackend.write':<34}{res['write_GBps']:>9.2f} GB/s")
+    print(f"{'  ratio':<34}{res['put_ratio']:>12.2f}")
+    print(f"{'lookup, 512 chunks (1 round trip)':<34}{res['lookup_512_ms']:>9.2f} ms")
+    print(f"{'lookup, 1 chunk':<34}{res['lookup_1_ms']:>9.2f} ms")
+    path = save("redis", {"repeat": args.repeat, **res})
+    print(f"saved {path}")
+
+
+if __name__ == "__main__":
+    main()
