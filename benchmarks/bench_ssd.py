@@ -24,6 +24,7 @@ kind, not measured here.
 
     python benchmarks/bench_ssd.py [--path FILE] [--repeat 5]           # pool file (default: temp file in /tmp)
     python benchmarks/bench_ssd.py --device /dev/loopN                   # raw block device (its data is lost)
+    python benchmarks/bench_ssd.py --opts 'bounce=1GiB' --plot /tmp/x.png  # tier options (query string)
 
 Needs root for drop_caches and huge pages (skipped with a warning otherwise) and fio on PATH.
 Writes benchmarks/results/ssd.json (ssd_blockdev.json with --device) and docs/ssd_bandwidth.png (file mode).
@@ -54,10 +55,10 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))  # measure the checkout this file lives in, whatever is pip-installed
-from _util import save  # noqa: E402
+from _util import save
 
-import kvpool  # noqa: E402
-from kvpool.backends.base import ReadRequest  # noqa: E402
+import kvpool
+from kvpool.backends.base import ReadRequest
 
 GB = 1e9
 MiB = 1 << 20
@@ -147,7 +148,7 @@ def run_fio(target: str, offset: int, size: int, bs: str, iodepth: int, iomem: s
         "--output-format=json",
     ]
     drop_caches()
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    p = subprocess.run(cmd, check=False, capture_output=True, text=True)
     if p.returncode != 0:
         return {"bs": bs, "iodepth": iodepth, "iomem": iomem, "error": (p.stderr or p.stdout).strip()[-300:]}
     j = json.loads(p.stdout[p.stdout.index("{"):])["jobs"][0]
@@ -440,7 +441,8 @@ def plot(res: dict[str, Any], out: Path) -> None:
         ax.bar(x, v, color=col, edgecolor="black", hatch=hatch, linewidth=0.8)
         ax.text(x, v, f"{v:.2f}", ha="center", va="bottom", fontsize=9)
         if x < len(cpu) and cpu[x] is not None:
-            ax.text(x, v / 2, f"{cpu[x]:.3f}\nCPU-s/GB", ha="center", va="center", fontsize=7, color="white")
+            ax.text(x, v / 2, f"{cpu[x]:.3f}\nCPU-s/GB", ha="center", va="center", fontsize=7,
+                    color="black" if col in ("#9ecae1", "#ff7f0e", "white") else "white")
     best = res.get("fio_best_GBps")
     if best:
         ax.axhline(0.9 * best, color="green", ls="--", lw=1, label=f"target get/get_into: 0.9 x fio best ({0.9 * best:.2f})")
@@ -465,6 +467,7 @@ def main() -> None:
     ap.add_argument("--path", help="pool file (default: a temporary file under /tmp, removed at the end)")
     ap.add_argument("--device", help="raw block device, e.g. /dev/loop0 (overwritten!): uring:///dev/...")
     ap.add_argument("--capacity", default="2560MiB", help="pool file capacity (file mode)")
+    ap.add_argument("--opts", default="", help="extra uring:// options, e.g. 'bounce=1GiB&entries=128'")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--prompts", type=int, default=6)
     ap.add_argument("--chunks", type=int, default=8, help="256-token chunks per prompt")
@@ -473,8 +476,18 @@ def main() -> None:
     ap.add_argument("--fio-runtime", type=float, default=3.0, help="seconds per fio configuration")
     ap.add_argument("--no-fio", action="store_true")
     ap.add_argument("--stream-touch", action="store_true", help="x.sum() every streamed layer")
+    ap.add_argument("--name", help="results/NAME.json (default ssd, or ssd_blockdev with --device)")
     ap.add_argument("--plot", type=Path, default=None, help="plot path (default docs/ssd_bandwidth.png in file mode)")
+    ap.add_argument("--replot", action="store_true", help="only redraw the plot from results/NAME.json")
     args = ap.parse_args()
+    if args.replot:
+        from _util import RESULTS
+
+        res = json.loads((RESULTS / f"{args.name or ('ssd_blockdev' if args.device else 'ssd')}.json").read_text())
+        out = args.plot or REPO / "docs" / "ssd_bandwidth.png"
+        plot(res, out)
+        log(f"plot {out}")
+        return
     if not args.no_fio and shutil.which("fio") is None:
         raise SystemExit("fio is not on PATH (apt-get install fio), or pass --no-fio")
     if not drop_caches():
@@ -483,7 +496,7 @@ def main() -> None:
     t_start = time.perf_counter()
     tmpdir = None
     if args.device:
-        spec = f"uring://{args.device}"
+        spec = f"uring://{args.device}" + (f"?{args.opts}" if args.opts else "")
         desc = f"block device {args.device}"
         name = "ssd_blockdev"
     else:
@@ -491,7 +504,7 @@ def main() -> None:
         if path is None:
             tmpdir = tempfile.mkdtemp(prefix="kvpool-bench-ssd-", dir="/tmp")
             path = os.path.join(tmpdir, "pool.bin")
-        spec = f"uring://{path}?capacity={args.capacity}"
+        spec = f"uring://{path}?capacity={args.capacity}" + (f"&{args.opts}" if args.opts else "")
         desc = f"pool file {path}"
         name = "ssd"
     try:
@@ -506,7 +519,7 @@ def main() -> None:
     ratios(res)
     res["wall_s"] = time.perf_counter() - t_start
     table(res)
-    log(f"\nwall {res['wall_s']:.0f} s; saved {save(name, res)}")
+    log(f"\nwall {res['wall_s']:.0f} s; saved {save(args.name or name, res)}")
     out = args.plot or (None if args.device else REPO / "docs" / "ssd_bandwidth.png")
     if out is not None:
         plot(res, out)

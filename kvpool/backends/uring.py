@@ -790,11 +790,22 @@ class UringBackend(Backend):
         parts = fmt.parts_covering(e, r.offset, min(r.offset + n, e.length))
         return fmt.align_up(min(parts.stop * e.part_size, e.length)) - parts.start * e.part_size
 
+    def _bounce_need(self, r: ReadRequest) -> int:
+        """Staging bytes a read needs: 0 when it goes straight into the caller's aligned memory."""
+        span = self._span(r)
+        if span == 0 or r.dest.device.type != "cpu":
+            return span
+        e = self._index[r.key]
+        r0 = (r.offset // e.part_size) * e.part_size
+        if r0 == r.offset and span == nbytes_of(r.dest) and self._aligned(_runs(r.dest)):
+            return 0
+        return span
+
     async def read_many(self, requests: Sequence[ReadRequest]) -> list[bool]:
         self._check_open()
         if not requests:
             return []
-        groups = self._groups([self._span(r) for r in requests])
+        groups = self._groups([self._bounce_need(r) for r in requests])
         if len(groups) == 1:
             return await self._read_group(requests)
         parts = await asyncio.gather(*(self._read_group([requests[i] for i in g]) for g in groups))
@@ -802,7 +813,8 @@ class UringBackend(Backend):
 
     async def _read_group(self, requests: Sequence[ReadRequest]) -> list[bool]:
         assert self._engine is not None and self._bounce is not None and self._geo is not None
-        need = sum(sp for sp in map(self._span, requests) if sp <= self._bounce.alloc.capacity)
+        # reserve staging only for reads that will not go straight into the caller's memory
+        need = sum(sp for sp in map(self._bounce_need, requests) if sp <= self._bounce.alloc.capacity)
         need = need if need <= self._bounce.alloc.capacity else 0
         res_base = await self._bounce.get(need) if need else 0
         cursor = 0
