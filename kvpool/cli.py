@@ -20,6 +20,7 @@ import torch
 
 from .backends.base import ReadRequest
 from .backends.uring import UringBackend
+from .buffers import aligned_empty
 from .layout import KVLayout
 from .pool import KVPool
 from .units import format_size, parse_size
@@ -121,7 +122,7 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
             outs = [torch.empty(layout.kv_shape(chunks_per_prompt * layout.chunk_tokens), dtype=layout.dtype)
                     for _ in range(min(n_prompts, args.concurrency))]
             # page-align the destinations so the SSD can DMA straight into them
-            outs = [_aligned_like(o) for o in outs]
+            outs = [aligned_empty(tuple(o.shape), o.dtype) for o in outs]
             times, cpus = [], []
             prog = Progress("restore", total * args.repeat)
             for _ in range(args.repeat):
@@ -144,13 +145,6 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
         if tmpdir:
             shutil.rmtree(tmpdir, ignore_errors=True)
     return res
-
-
-def _aligned_like(t: torch.Tensor) -> torch.Tensor:
-    n = t.numel() * t.element_size()
-    raw = torch.empty(n + 4096, dtype=torch.uint8)
-    s = (-raw.data_ptr()) % 4096
-    return raw[s : s + n].view(t.dtype).view(t.shape)
 
 
 async def _inspect(args: argparse.Namespace) -> dict[str, Any]:

@@ -21,22 +21,11 @@ from .errors import ConfigError, KVPoolError, LayoutError, PoolClosedError, Rest
 from .keys import PrefixHasher, as_token_array
 from .layout import KVLayout
 from .registry import backend_from_spec
+from .buffers import aligned_empty
 
 __all__ = ["KVPool"]
 
 _DEFAULT_PREFETCH_LAYERS = 2
-_PAGE = 4096
-
-
-def _aligned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """A contiguous tensor whose data starts on a page boundary, so SSD tiers can DMA straight into it."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    n = 1
-    for d in shape:
-        n *= d
-    raw = torch.empty(n * itemsize + _PAGE, dtype=torch.uint8)
-    shift = (-raw.data_ptr()) % _PAGE
-    return raw[shift : shift + n * itemsize].view(dtype).view(shape)
 
 
 class KVPool:
@@ -225,7 +214,7 @@ class KVPool:
         self._check_open()
         keys = self._hasher.keys(tokens)
         where = await self._locate(keys)
-        out = _aligned_empty(self.layout.kv_shape(len(where) * self.layout.chunk_tokens), self.layout.dtype)
+        out = aligned_empty(self.layout.kv_shape(len(where) * self.layout.chunk_tokens), self.layout.dtype)
         n = await self._read_chunks(keys, where, out)
         self._account(len(keys), n)
         if n < out.shape[2]:
@@ -267,7 +256,7 @@ class KVPool:
         shape = (2, hit, self.layout.num_kv_heads, self.layout.head_dim)
 
         async def read_layer(layer: int) -> torch.Tensor:
-            x = _aligned_empty(shape, self.layout.dtype)
+            x = aligned_empty(shape, self.layout.dtype)
             off = self.layout.layer_offset(layer)
             ok = await self._read_views(
                 keys, where, [self.layout.layer_chunk_view(x, c) for c in range(len(where))], off

@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import ctypes
-import mmap
 from collections.abc import Sequence
 from typing import Any, Final, Protocol, cast
 
+from .buffers import alloc_aligned, buffer_address
 import kvpool._uring as _uring  # noqa: PLR0402  (mypy cannot see the compiled submodule otherwise)
 
 __all__ = [
@@ -294,58 +293,3 @@ class UringEngine:
             for w in waiters:
                 if not w.done():
                     w.set_result(None)
-
-
-def _hugepages_free_bytes() -> int:
-    """Free 2 MiB hugetlb pages, in bytes (0 if unknown or another default size)."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            info = dict(line.split(":", 1) for line in f if ":" in line)
-        size_kb = int(info["Hugepagesize"].split()[0])
-        free = int(info["HugePages_Free"].split()[0])
-    except (OSError, KeyError, ValueError, IndexError):
-        return 0
-    if size_kb * 1024 != _HUGE_2M:
-        return 0
-    return free * _HUGE_2M
-
-
-def alloc_aligned(nbytes: int, *, hugepages: bool = True) -> mmap.mmap:
-    """Anonymous, page-aligned, writable memory suitable for O_DIRECT and fixed buffers.
-
-    With ``hugepages`` and ``nbytes`` a multiple of 2 MiB, hugetlb pages are
-    used when enough are free; otherwise a normal mapping is returned, advised
-    with ``MADV_HUGEPAGE`` (transparent huge pages) when available.
-    """
-    if nbytes <= 0:
-        raise ValueError(f"nbytes must be positive, got {nbytes}")
-    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-    prot = mmap.PROT_READ | mmap.PROT_WRITE
-    if hugepages and nbytes % _HUGE_2M == 0:
-        try:
-            with open("/proc/sys/vm/nr_hugepages", encoding="ascii") as f:
-                nr = int(f.read().strip() or 0)
-        except (OSError, ValueError):
-            nr = 0
-        if nr > 0 and _hugepages_free_bytes() >= nbytes:
-            try:
-                return mmap.mmap(-1, nbytes, flags=flags | _MAP_HUGETLB, prot=prot)
-            except OSError:
-                pass  # raced with another allocator, or no reservation: fall back
-    buf = mmap.mmap(-1, nbytes, flags=flags, prot=prot)
-    madv = getattr(mmap, "MADV_HUGEPAGE", None)
-    if hugepages and madv is not None and nbytes >= _HUGE_2M:
-        try:
-            buf.madvise(madv)
-        except OSError:
-            pass  # THP disabled: advisory only
-    return buf
-
-
-def buffer_address(buf: object) -> int:
-    """Address of the first byte of a writable, non-empty buffer.
-
-    The caller must keep ``buf`` alive (and un-resized) while the kernel uses
-    the address.
-    """
-    return ctypes.addressof(ctypes.c_char.from_buffer(cast(Any, buf)))

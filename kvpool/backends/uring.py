@@ -33,7 +33,8 @@ import xxhash
 from ..allocator import ExtentAllocator
 from ..errors import BackendError, CapacityError, ConfigError, PoolLockedError
 from ..eviction import EvictionPolicy, make_policy
-from ..uring_engine import OP_FSYNC, OP_READ, OP_WRITE, UringEngine, alloc_aligned, buffer_address
+from ..buffers import aligned_empty, alloc_aligned, buffer_address
+from ..uring_engine import OP_FSYNC, OP_READ, OP_WRITE, UringEngine
 from . import _uring_format as fmt
 from .base import Backend, Capabilities, ReadRequest, nbytes_of
 
@@ -79,40 +80,43 @@ def _mem(addr: int, n: int) -> memoryview:
     return memoryview((ctypes.c_char * n).from_address(addr)).cast("B")
 
 
-def _slice_runs(runs: list[tuple[int, int]], start: int, length: int) -> list[tuple[int, int]]:
-    """The sub-runs covering logical bytes [start, start+length) of a run list."""
-    out = []
-    pos = 0
-    end = start + length
-    for addr, n in runs:
-        lo, hi = max(start, pos), min(end, pos + n)
-        if lo < hi:
-            out.append((addr + lo - pos, hi - lo))
-        pos += n
-        if pos >= end:
-            break
-    return out
-
-
-def _hash_runs(runs: list[tuple[int, int]], seed: int) -> int:
-    if len(runs) == 1:
-        return xxhash.xxh3_64_intdigest(_mem(*runs[0]), seed)
-    h = xxhash.xxh3_64(seed=seed)
-    for addr, n in runs:
-        h.update(_mem(addr, n))
-    return h.intdigest()
-
-
 def _part_seed(key: bytes, part: int) -> int:
     return (fmt.key_seed(key) + part * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
 
 
-def _checksums(runs: list[tuple[int, int]], key: bytes, length: int, part_size: int) -> tuple[int, ...]:
+def _part_hashes(runs: list[tuple[int, int]], key: bytes, first_part: int, sizes: list[int]) -> list[int]:
+    """xxh3 of consecutive parts laid end to end over ``runs``, walking the runs once."""
     out = []
-    for p in range(-(-length // part_size)):
-        off = p * part_size
-        out.append(_hash_runs(_slice_runs(runs, off, min(part_size, length - off)), _part_seed(key, p)))
-    return tuple(out)
+    ri, rpos = 0, 0  # current run, bytes of it consumed
+    for j, size in enumerate(sizes):
+        seed = _part_seed(key, first_part + j)
+        addr, n = runs[ri]
+        if n - rpos >= size:  # the part lies in one run: one call, no streaming state
+            out.append(xxhash.xxh3_64_intdigest(_mem(addr + rpos, size), seed))
+            rpos += size
+        else:
+            h = xxhash.xxh3_64(seed=seed)
+            need = size
+            while need:
+                addr, n = runs[ri]
+                take = min(need, n - rpos)
+                h.update(_mem(addr + rpos, take))
+                rpos += take
+                need -= take
+                if rpos == n and need:
+                    ri, rpos = ri + 1, 0
+            out.append(h.intdigest())
+        if rpos == runs[ri][1] and ri + 1 < len(runs):
+            ri, rpos = ri + 1, 0
+    return out
+
+
+def _part_sizes(length: int, part_size: int, first: int, stop: int) -> list[int]:
+    return [min(part_size, length - p * part_size) for p in range(first, stop)]
+
+
+def _checksums(runs: list[tuple[int, int]], key: bytes, length: int, part_size: int) -> tuple[int, ...]:
+    return tuple(_part_hashes(runs, key, 0, _part_sizes(length, part_size, 0, -(-length // part_size))))
 
 
 class _Bounce:
@@ -702,9 +706,8 @@ class UringBackend(Backend):
                     ext = e.extent
                     if not need or cursor + ext > need:
                         # too large to stage at once: a contiguous aligned copy of our own
-                        tmp = torch.zeros(ext + BLOCK, dtype=torch.uint8)
-                        shift = (-tmp.data_ptr()) % BLOCK
-                        tmp = tmp[shift : shift + ext]
+                        tmp = aligned_empty((ext,), torch.uint8)
+                        tmp[n:].zero_()
                         tmp[:n].view(src.dtype).view(src.shape).copy_(src)
                         keep.append(tmp)
                         staged.append((key, e, [(tmp.data_ptr(), ext)], None))
@@ -854,9 +857,7 @@ class UringBackend(Backend):
                     self.counters["direct_reads"] += 1
                 else:
                     if cursor + span > need:
-                        tmp = torch.empty(span + BLOCK, dtype=torch.uint8)
-                        shift = (-tmp.data_ptr()) % BLOCK
-                        tmp = tmp[shift : shift + span]
+                        tmp = aligned_empty((span,), torch.uint8)
                         plans.append((i, e, r0, r1, [(tmp.data_ptr(), span)], None, tmp))
                         for op in self._iov_ops(OP_READ, [(tmp.data_ptr(), span)], file_off):
                             ops.append(op)
@@ -882,14 +883,9 @@ class UringBackend(Backend):
                     self.counters["read_errors"] += 1
                     self.counters["misses"] += 1
                     continue
-                ok = True
-                for part in fmt.parts_covering(e, r0, r1):
-                    lo = part * e.part_size - r0
-                    ln = min(e.part_size, e.length - part * e.part_size)
-                    if _hash_runs(_slice_runs(runs, lo, ln), _part_seed(e.key, part)) != e.checksums[part]:
-                        ok = False
-                        break
-                if not ok:
+                cover = fmt.parts_covering(e, r0, r1)
+                sums = _part_hashes(runs, e.key, cover.start, _part_sizes(e.length, e.part_size, cover.start, cover.stop))
+                if sums != list(e.checksums[cover.start : cover.stop]):
                     self.counters["corrupt"] += 1
                     self.counters["misses"] += 1
                     log.warning("%s: object %s failed its checksum; treated as a miss", self.path, e.key.hex())

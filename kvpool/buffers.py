@@ -1,0 +1,95 @@
+"""Memory for I/O: page- and huge-page-aligned buffers, and tensors over them.
+
+O_DIRECT needs aligned memory, and on devices whose requests are bounded by memory segments (virtio, many
+NVMe drives) the physical contiguity of a buffer sets the request size: 2 MiB transparent huge pages make a
+restore run at the device's speed where 4 KiB pages halve it. Every aligned allocation in kvpool comes from
+here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+from typing import Any, Final, cast
+
+import torch
+
+__all__ = ["alloc_aligned", "buffer_address", "aligned_empty", "PAGE", "HUGE_PAGE"]
+
+PAGE: Final = 4096
+HUGE_PAGE: Final = 2 * 1024 * 1024
+_HUGE_2M: Final = HUGE_PAGE
+_MAP_HUGETLB: Final = 0x40000
+
+
+def _hugepages_free_bytes() -> int:
+    """Free 2 MiB hugetlb pages, in bytes (0 if unknown or another default size)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            info = dict(line.split(":", 1) for line in f if ":" in line)
+        size_kb = int(info["Hugepagesize"].split()[0])
+        free = int(info["HugePages_Free"].split()[0])
+    except (OSError, KeyError, ValueError, IndexError):
+        return 0
+    if size_kb * 1024 != _HUGE_2M:
+        return 0
+    return free * _HUGE_2M
+
+
+def alloc_aligned(nbytes: int, *, hugepages: bool = True) -> mmap.mmap:
+    """Anonymous, page-aligned, writable memory suitable for O_DIRECT and fixed buffers.
+
+    With ``hugepages`` and ``nbytes`` a multiple of 2 MiB, hugetlb pages are
+    used when enough are free; otherwise a normal mapping is returned, advised
+    with ``MADV_HUGEPAGE`` (transparent huge pages) when available.
+    """
+    if nbytes <= 0:
+        raise ValueError(f"nbytes must be positive, got {nbytes}")
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    prot = mmap.PROT_READ | mmap.PROT_WRITE
+    if hugepages and nbytes % _HUGE_2M == 0:
+        try:
+            with open("/proc/sys/vm/nr_hugepages", encoding="ascii") as f:
+                nr = int(f.read().strip() or 0)
+        except (OSError, ValueError):
+            nr = 0
+        if nr > 0 and _hugepages_free_bytes() >= nbytes:
+            try:
+                return mmap.mmap(-1, nbytes, flags=flags | _MAP_HUGETLB, prot=prot)
+            except OSError:
+                pass  # raced with another allocator, or no reservation: fall back
+    buf = mmap.mmap(-1, nbytes, flags=flags, prot=prot)
+    madv = getattr(mmap, "MADV_HUGEPAGE", None)
+    if hugepages and madv is not None and nbytes >= _HUGE_2M:
+        try:
+            buf.madvise(madv)
+        except OSError:
+            pass  # THP disabled: advisory only
+    return buf
+
+
+def buffer_address(buf: object) -> int:
+    """Address of the first byte of a writable, non-empty buffer.
+
+    The caller must keep ``buf`` alive (and un-resized) while the kernel uses
+    the address.
+    """
+    return ctypes.addressof(ctypes.c_char.from_buffer(cast(Any, buf)))
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A contiguous tensor whose memory SSD tiers can DMA into efficiently.
+
+    Tensors of 2 MiB or more get their own anonymous mapping advised for transparent huge pages: page faults
+    (and the kernel's zeroing) come 512 pages at a time, and the device sees physically contiguous 2 MiB
+    runs. Smaller ones are page-aligned slices of an ordinary allocation.
+    """
+    n = torch.empty((), dtype=dtype).element_size()
+    for d in shape:
+        n *= d
+    if n >= HUGE_PAGE:
+        buf = alloc_aligned(-(-n // HUGE_PAGE) * HUGE_PAGE)
+        return torch.frombuffer(buf, dtype=torch.uint8, count=n).view(dtype).view(shape)
+    raw = torch.empty(n + PAGE, dtype=torch.uint8)
+    shift = (-raw.data_ptr()) % PAGE
+    return raw[shift : shift + n].view(dtype).view(shape)
