@@ -125,11 +125,15 @@ class PoolConfig:
         ``write-back``: a put returns once the first tier has it, lower tiers are written in the background.
     promote_on_hit
         Copy what a restore found in a lower tier into the tiers above it.
+    promotion
+        Admission for those copies: ``second-hit`` (default) promotes a chunk the second time it is read
+        from below within a recent window, so a one-off scan does not flood the fast tier; ``always``.
     """
 
     namespace: str = ""
     write_policy: str = attrs.field(default="write-through", validator=_write_policy)
     promote_on_hit: bool = True
+    promotion: str = attrs.field(default="second-hit", validator=attrs.validators.in_(("second-hit", "always")))
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> PoolConfig:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 from typing import Any
@@ -26,6 +27,36 @@ from .buffers import aligned_empty
 __all__ = ["KVPool"]
 
 _DEFAULT_PREFETCH_LAYERS = 2
+
+
+def _tier_from_spec(spec: Any) -> Backend:
+    """A spec string or backend object is one tier; a list of them is one tier striped across them."""
+    if isinstance(spec, (list, tuple)):
+        if not spec:
+            raise ConfigError("a striped tier needs at least one backend")
+        from .backends.striped import StripedBackend
+
+        striped: Backend = StripedBackend([backend_from_spec(b) for b in spec])
+        return striped
+    return backend_from_spec(spec)
+
+
+class _Admission:
+    """Second-hit admission for promotions: a chunk is copied up only when it was read from a lower tier
+    before, recently. A one-off scan of cold prefixes then never floods the fast tier."""
+
+    def __init__(self, size: int = 65536) -> None:
+        self._seen: OrderedDict[bytes, None] = OrderedDict()
+        self._size = size
+
+    def admit(self, key: bytes) -> bool:
+        if key in self._seen:
+            del self._seen[key]
+            return True
+        self._seen[key] = None
+        if len(self._seen) > self._size:
+            self._seen.popitem(last=False)
+        return False
 
 
 class KVPool:
@@ -62,8 +93,17 @@ class KVPool:
             "miss_tokens": 0,
             "promotions": 0,
             "read_failures": 0,
+            "prefetches": 0,
+            "prefetch_joins": 0,
+            "write_backs": 0,
+            "write_back_failures": 0,
+            "attention_observations": 0,
         }
         self._opened_at = time.time()
+        self._admission = _Admission()
+        # chunk key -> background move (prefetch) in flight; a restore of that key waits for it
+        self._moving: dict[bytes, asyncio.Future[None]] = {}
+        self._background: set[asyncio.Task[None]] = set()
 
     # --- lifecycle ---------------------------------------------------------------------------------------
     @classmethod
@@ -96,7 +136,7 @@ class KVPool:
             import attrs
 
             config = attrs.evolve(config, namespace=namespace)
-        tiers = [backend_from_spec(b) for b in backends]
+        tiers = [_tier_from_spec(b) for b in backends]
         opened: list[Backend] = []
         try:
             for t in tiers:
@@ -112,6 +152,7 @@ class KVPool:
         """Close every tier. Idempotent."""
         if self._closed:
             return
+        await self._drain_background()
         self._closed = True
         errors: list[BaseException] = []
         for t in self.tiers:
@@ -123,6 +164,17 @@ class KVPool:
             raise errors[0]
 
     aclose = close
+
+    def _spawn(self, coro: Any) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def _drain_background(self) -> None:
+        """Wait for prefetches and write-backs (they are part of what flush/close promise)."""
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
 
     async def __aenter__(self) -> KVPool:
         self._check_open()
@@ -183,16 +235,29 @@ class KVPool:
         if not keys:
             return 0
         written: list[tuple[Backend, bytes]] = []
-        targets = self.tiers if self.config.write_policy == "write-through" else self.tiers[:1]
-        try:
-            for tier in targets:
-                have = await tier.contains_many(keys)
-                items = [(k, self.layout.chunk_view(kv, i)) for i, k in enumerate(keys) if not have[i]]
-                self._counters["chunks_skipped"] += len(keys) - len(items)
-                if items:
+        write_back = self.config.write_policy == "write-back" and len(self.tiers) > 1
+        targets = self.tiers[:1] if write_back else self.tiers
+
+        async def write_tier(tier: Backend) -> None:
+            have = await tier.contains_many(keys)
+            items = [(k, self.layout.chunk_view(kv, i)) for i, k in enumerate(keys) if not have[i]]
+            self._counters["chunks_skipped"] += len(keys) - len(items)
+            if items:
+                try:
                     await tier.write_many(items)
+                finally:
+                    # what did land must be undone if any tier fails
                     written.extend((tier, k) for k, _ in items)
-                    self._counters["chunks_written"] += len(items)
+                self._counters["chunks_written"] += len(items)
+
+        try:
+            if len(targets) == 1:
+                await write_tier(targets[0])
+            else:  # write-through: every tier at once; the put takes as long as the slowest
+                results = await asyncio.gather(*(write_tier(t) for t in targets), return_exceptions=True)
+                errors = [r for r in results if isinstance(r, BaseException)]
+                if errors:
+                    raise errors[0]
         except BaseException:
             for tier, k in written:
                 try:
@@ -200,7 +265,91 @@ class KVPool:
                 except Exception:
                     pass
             raise
+        for tier in self.tiers:
+            link = getattr(getattr(tier, "policy", None), "link", None)
+            if link is not None:  # prefix-aware eviction learns which chunks others depend on
+                for parent, child in zip(keys, keys[1:]):
+                    link(parent, child)
+        if write_back:
+            self._spawn(self._write_back(keys))
         return len(keys) * self.layout.chunk_tokens
+
+    async def prefetch(self, tokens: Any) -> int:
+        """Start moving the cached prefix of ``tokens`` into the fastest tier; return at once.
+
+        Meant for a request still waiting in the server's queue. Returns the cached prefix length in tokens.
+        A later :meth:`get`/:meth:`get_into`/:meth:`stream` of the same chunks waits for the move in flight
+        instead of issuing its own reads from the slow tier.
+        """
+        self._check_open()
+        keys = self._hasher.keys(tokens)
+        where = await self._locate(keys)
+        todo = [(k, t) for k, t in zip(keys, where) if t > 0 and k not in self._moving]
+        if todo:
+            loop = asyncio.get_running_loop()
+            futs = {k: loop.create_future() for k, _ in todo}
+            self._moving.update(futs)
+            self._counters["prefetches"] += 1
+            self._spawn(self._move_up(todo, futs))
+        return len(where) * self.layout.chunk_tokens
+
+    async def _move_up(self, todo: list[tuple[bytes, int]], futs: dict[bytes, asyncio.Future[None]]) -> None:
+        buf = aligned_empty((self.layout.chunk_nbytes,), torch.uint8)
+        try:
+            for k, t in todo:
+                try:
+                    if await self.tiers[t].read_into(k, buf):
+                        await self.tiers[0].write(k, buf)
+                        self._counters["promotions"] += 1
+                except Exception:
+                    pass  # best effort: the restore reads from the lower tier instead
+                finally:
+                    self._moving.pop(k, None)
+                    if not futs[k].done():
+                        futs[k].set_result(None)
+        finally:
+            for k, f in futs.items():
+                self._moving.pop(k, None)
+                if not f.done():
+                    f.set_result(None)
+
+    async def _join_moves(self, keys: list[bytes]) -> None:
+        if self._moving:
+            pending = [self._moving[k] for k in keys if k in self._moving]
+            if pending:
+                self._counters["prefetch_joins"] += 1
+                await asyncio.gather(*(asyncio.shield(f) for f in pending))
+
+    async def observe_attention(self, tokens: Any, scores: Any) -> None:
+        """Feed the model's attention mass for a prompt to attention-aware eviction.
+
+        ``scores`` is per chunk (``len == number of full chunks``) or per token (``len >= chunks *
+        chunk_tokens``; summed per chunk), e.g. the attention each cached token received while decoding.
+        Tiers whose policy keeps scores (``policy=attention``) use it; the others ignore it.
+        """
+        self._check_open()
+        keys = self._hasher.keys(tokens)
+        if not keys:
+            return
+        mass = torch.as_tensor(scores, dtype=torch.float64).flatten()
+        n, ct = len(keys), self.layout.chunk_tokens
+        if mass.numel() == n:
+            per_chunk = mass
+        elif mass.numel() >= n * ct:
+            per_chunk = mass[: n * ct].view(n, ct).sum(dim=1)
+        else:
+            raise ValueError(
+                f"scores must have one value per chunk ({n}) or per token (>= {n * ct}), got {mass.numel()}"
+            )
+        if not torch.isfinite(per_chunk).all() or (per_chunk < 0).any():
+            raise ValueError("attention scores must be finite and non-negative")
+        values = per_chunk.tolist()
+        for tier in self.tiers:
+            observe = getattr(getattr(tier, "policy", None), "observe", None)
+            if observe is not None:
+                for k, m in zip(keys, values):
+                    observe(k, m)
+        self._counters["attention_observations"] += 1
 
     async def lookup(self, tokens: Any) -> int:
         """Length in tokens of the longest cached prefix of ``tokens`` (a multiple of ``chunk_tokens``)."""
@@ -213,6 +362,7 @@ class KVPool:
         """The KV of the longest cached prefix: a new tensor ``[L, 2, hit, H, D]`` (``hit`` may be 0)."""
         self._check_open()
         keys = self._hasher.keys(tokens)
+        await self._join_moves(keys)
         where = await self._locate(keys)
         out = aligned_empty(self.layout.kv_shape(len(where) * self.layout.chunk_tokens), self.layout.dtype)
         n = await self._read_chunks(keys, where, out)
@@ -230,6 +380,7 @@ class KVPool:
         self._check_open()
         self.layout.check_kv(out, name="out")
         keys = self._hasher.keys(tokens, max_chunks=out.shape[2] // self.layout.chunk_tokens)
+        await self._join_moves(keys)
         where = await self._locate(keys)
         n = await self._read_chunks(keys, where, out)
         self._account(len(keys), n)
@@ -247,6 +398,7 @@ class KVPool:
         if prefetch_layers < 0:
             raise ValueError("prefetch_layers must be >= 0")
         keys = self._hasher.keys(tokens)
+        await self._join_moves(keys)
         where = await self._locate(keys)
         self._account(len(keys), len(where) * self.layout.chunk_tokens)
         if not where:
@@ -291,8 +443,10 @@ class KVPool:
         return len(removed) * self.layout.chunk_tokens
 
     async def flush(self) -> None:
-        """Make everything stored so far durable on the persistent tiers (power-loss safe)."""
+        """Finish background write-backs, then make everything stored so far durable on the persistent
+        tiers (power-loss safe)."""
         self._check_open()
+        await self._drain_background()
         for tier in self.tiers:
             fl = getattr(tier, "flush", None)
             if fl is not None:
@@ -364,9 +518,28 @@ class KVPool:
                 return c
         return nch
 
+    async def _write_back(self, keys: list[bytes]) -> None:
+        """Copy chunks from the first tier to the lower ones, in the background (write-back mode)."""
+        top = self.tiers[0]
+        buf = aligned_empty((self.layout.chunk_nbytes,), torch.uint8)
+        for k in keys:
+            for lower in self.tiers[1:]:
+                try:
+                    if await lower.contains(k):
+                        continue
+                    if not await top.read_into(k, buf):
+                        break  # evicted before it was written back: a cache may lose it
+                    await lower.write(k, buf)
+                    self._counters["write_backs"] += 1
+                except Exception:
+                    self._counters["write_back_failures"] += 1
+
     async def _promote(self, keys: list[bytes], where: list[int], views: list[torch.Tensor]) -> None:
         """Copy chunks found in a lower tier into the tiers above it (best effort: a full tier skips)."""
+        always = self.config.promotion == "always"
         for c, t in enumerate(where):
+            if t == 0 or not (always or self._admission.admit(keys[c])):
+                continue
             for upper in range(t):
                 try:
                     await self.tiers[upper].write(keys[c], views[c])

@@ -234,6 +234,9 @@ async def test_two_tiers_spill_and_promote() -> None:
         assert len(small) == 2 and len(big) == 4
         got = await pool.get(t)
         assert torch.equal(got, kv)
+        assert pool.stats()["promotions"] == 0  # second-hit admission: one read from below is no reason
+        got = await pool.get(t)
+        assert torch.equal(got, kv)
         assert pool.stats()["promotions"] >= 2
 
 
@@ -257,3 +260,57 @@ async def test_concurrent_puts_and_gets(pool: KVPool) -> None:
     results = await asyncio.gather(*(pool.get(t) for t, _ in prompts))
     for (t, kv), got in zip(prompts, results):
         assert torch.equal(got, kv)
+
+
+async def test_prefetch_moves_up_and_get_joins() -> None:
+    small, big = DRAMBackend(8 * LAYOUT.chunk_nbytes), DRAMBackend(16 * LAYOUT.chunk_nbytes)
+    async with await KVPool.open(layout=LAYOUT, model_id="m", backends=[small, big]) as pool:
+        t, kv = toks(64), make_kv(64)
+        await pool.put(t, kv)
+        for k in pool.keys_for(t):
+            await small.delete(k)  # only the lower tier has it now
+        assert await pool.prefetch(t) == 64  # returns at once
+        got = await pool.get(t)  # joins the move in flight
+        assert torch.equal(got, kv)
+        await pool.flush()
+        assert len(small) == 4
+        s = pool.stats()
+        assert s["prefetches"] == 1 and s["promotions"] >= 4
+        assert await pool.prefetch(toks(64, seed=3)) == 0
+
+
+async def test_write_back_reaches_lower_tier_after_flush() -> None:
+    small, big = DRAMBackend(8 * LAYOUT.chunk_nbytes), DRAMBackend(16 * LAYOUT.chunk_nbytes)
+    async with await KVPool.open(layout=LAYOUT, model_id="m", backends=[small, big],
+                                 config={"write_policy": "write-back"}) as pool:
+        t, kv = toks(64), make_kv(64)
+        await pool.put(t, kv)
+        await pool.flush()
+        assert len(big) == 4 and pool.stats()["write_backs"] == 4
+        for k in pool.keys_for(t):
+            await small.delete(k)
+        assert torch.equal(await pool.get(t), kv)
+
+
+async def test_observe_attention_validates_and_feeds_policies(pool: KVPool) -> None:
+    t, kv = toks(64), make_kv(64)
+    await pool.put(t, kv)
+    await pool.observe_attention(t, [0.1, 0.5, 0.2, 0.2])  # per chunk
+    await pool.observe_attention(t, torch.rand(64))  # per token
+    with pytest.raises(ValueError):
+        await pool.observe_attention(t, [1.0, 2.0])
+    with pytest.raises(ValueError):
+        await pool.observe_attention(t, [float("nan")] * 4)
+    assert pool.stats()["attention_observations"] == 2
+
+
+async def test_promotion_always_config() -> None:
+    small, big = DRAMBackend(8 * LAYOUT.chunk_nbytes), DRAMBackend(16 * LAYOUT.chunk_nbytes)
+    async with await KVPool.open(layout=LAYOUT, model_id="m", backends=[small, big],
+                                 config={"promotion": "always"}) as pool:
+        t, kv = toks(64), make_kv(64)
+        await pool.put(t, kv)
+        for k in pool.keys_for(t):
+            await small.delete(k)
+        await pool.get(t)
+        assert pool.stats()["promotions"] == 4
