@@ -125,6 +125,9 @@ class PoolConfig:
         ``write-back``: a put returns once the first tier has it, lower tiers are written in the background.
     promote_on_hit
         Copy what a restore found in a lower tier into the tiers above it.
+    io_max_inflight, io_background_inflight, io_op_bytes
+        Per-tier I/O scheduler: operations in flight, how many of them may be background work (prefetch,
+        promotion, write-back), and the size batches are cut into (see :mod:`kvpool.scheduler`).
     promotion
         Admission for those copies: ``second-hit`` (default) promotes a chunk the second time it is read
         from below within a recent window, so a one-off scan does not flood the fast tier; ``always``.
@@ -133,6 +136,9 @@ class PoolConfig:
     namespace: str = ""
     write_policy: str = attrs.field(default="write-through", validator=_write_policy)
     promote_on_hit: bool = True
+    io_max_inflight: int = 8
+    io_background_inflight: int = 1
+    io_op_bytes: int = 64 << 20
     promotion: str = attrs.field(default="second-hit", validator=attrs.validators.in_(("second-hit", "always")))
 
     @classmethod

@@ -22,6 +22,7 @@ from .errors import ConfigError, KVPoolError, LayoutError, PoolClosedError, Rest
 from .keys import PrefixHasher, as_token_array
 from .layout import KVLayout
 from .registry import backend_from_spec
+from .scheduler import Priority, TierScheduler, io_class
 from .buffers import aligned_empty
 
 __all__ = ["KVPool"]
@@ -81,6 +82,12 @@ class KVPool:
         self.model_id = model_id
         self.config = config
         self.tiers: list[Backend] = list(tiers)
+        # every data call to a tier goes through its scheduler (priorities, deadlines, queue depth)
+        self._io = [
+            TierScheduler(t, max_inflight=config.io_max_inflight, background_inflight=config.io_background_inflight,
+                          op_bytes=config.io_op_bytes)
+            for t in self.tiers
+        ]
         self._hasher = PrefixHasher(model_id, layout.fingerprint, layout.chunk_tokens, config.namespace)
         self._closed = False
         self._counters: dict[str, int] = {
@@ -239,12 +246,13 @@ class KVPool:
         targets = self.tiers[:1] if write_back else self.tiers
 
         async def write_tier(tier: Backend) -> None:
+            io = self._io[self.tiers.index(tier)]
             have = await tier.contains_many(keys)
             items = [(k, self.layout.chunk_view(kv, i)) for i, k in enumerate(keys) if not have[i]]
             self._counters["chunks_skipped"] += len(keys) - len(items)
             if items:
                 try:
-                    await tier.write_many(items)
+                    await io.write_many(items)
                 finally:
                     # what did land must be undone if any tier fails
                     written.extend((tier, k) for k, _ in items)
@@ -295,11 +303,13 @@ class KVPool:
 
     async def _move_up(self, todo: list[tuple[bytes, int]], futs: dict[bytes, asyncio.Future[None]]) -> None:
         buf = aligned_empty((self.layout.chunk_nbytes,), torch.uint8)
+        prio = io_class(Priority.PREFETCH)
+        prio.__enter__()
         try:
             for k, t in todo:
                 try:
-                    if await self.tiers[t].read_into(k, buf):
-                        await self.tiers[0].write(k, buf)
+                    if await self._io[t].read_into(k, buf):
+                        await self._io[0].write(k, buf)
                         self._counters["promotions"] += 1
                 except Exception:
                     pass  # best effort: the restore reads from the lower tier instead
@@ -308,6 +318,7 @@ class KVPool:
                     if not futs[k].done():
                         futs[k].set_result(None)
         finally:
+            prio.__exit__()
             for k, f in futs.items():
                 self._moving.pop(k, None)
                 if not f.done():
@@ -386,11 +397,15 @@ class KVPool:
         self._account(len(keys), n)
         return n
 
-    async def stream(self, tokens: Any, *, prefetch_layers: int = _DEFAULT_PREFETCH_LAYERS
-                     ) -> AsyncIterator[tuple[int, torch.Tensor]]:
+    async def stream(
+        self, tokens: Any, *, prefetch_layers: int = _DEFAULT_PREFETCH_LAYERS, layer_time: float | None = None
+    ) -> AsyncIterator[tuple[int, torch.Tensor]]:
         """Yield ``(layer, x)`` for each layer in order, ``x`` = ``[2, hit, H, D]`` of the cached prefix.
 
-        Up to ``prefetch_layers`` later layers are read while the caller works on the current one. Nothing is
+        Up to ``prefetch_layers`` later layers are read while the caller works on the current one. With
+        ``layer_time`` (the model's estimated compute seconds per layer), layer *i*'s reads carry the deadline
+        ``start + i * layer_time`` and the scheduler serves the most urgent layer of all concurrent restores
+        first; background I/O uses only the slack. Nothing is
         yielded when nothing is cached. If an object vanishes after its first layers were yielded (evicted,
         corrupt), :class:`~kvpool.RestoreError` is raised naming the layer.
         """
@@ -407,12 +422,16 @@ class KVPool:
         L = self.layout.num_layers
         shape = (2, hit, self.layout.num_kv_heads, self.layout.head_dim)
 
+        start = time.monotonic()
+        step = layer_time if layer_time is not None else 1e-6  # without an estimate: layer order
+
         async def read_layer(layer: int) -> torch.Tensor:
             x = aligned_empty(shape, self.layout.dtype)
             off = self.layout.layer_offset(layer)
-            ok = await self._read_views(
-                keys, where, [self.layout.layer_chunk_view(x, c) for c in range(len(where))], off
-            )
+            with io_class(Priority.FOREGROUND, start + layer * step):
+                ok = await self._read_views(
+                    keys, where, [self.layout.layer_chunk_view(x, c) for c in range(len(where))], off
+                )
             if ok < len(where):
                 raise RestoreError(f"chunk {ok} of the prefix could not be read at layer {layer}", layer)
             return x
@@ -465,7 +484,7 @@ class KVPool:
                 "chunk_bytes": self.layout.chunk_nbytes,
             },
             **self._counters,
-            "tiers": [t.stats() for t in self.tiers],
+            "tiers": [{**t.stats(), "io": io.stats()} for t, io in zip(self.tiers, self._io)],
         }
 
     # --- data movement -----------------------------------------------------------------------------------
@@ -493,7 +512,7 @@ class KVPool:
             by_tier.setdefault(t, []).append(c)
 
         async def run(t: int, cs: list[int]) -> None:
-            res = await self.tiers[t].read_many([ReadRequest(keys[c], views[c], offset) for c in cs])
+            res = await self._io[t].read_many([ReadRequest(keys[c], views[c], offset) for c in cs])
             for c, r in zip(cs, res):
                 ok[c] = r
 
@@ -508,7 +527,7 @@ class KVPool:
             self._counters["read_failures"] += 1
             for t in range(where[c] + 1, len(self.tiers)):
                 try:
-                    if await self.tiers[t].read_into(keys[c], views[c], offset):
+                    if await self._io[t].read_into(keys[c], views[c], offset):
                         where[c] = t
                         ok[c] = True
                         break
@@ -520,8 +539,12 @@ class KVPool:
 
     async def _write_back(self, keys: list[bytes]) -> None:
         """Copy chunks from the first tier to the lower ones, in the background (write-back mode)."""
-        top = self.tiers[0]
+        top = self._io[0]
         buf = aligned_empty((self.layout.chunk_nbytes,), torch.uint8)
+        with io_class(Priority.WRITE_BACK):
+            await self._write_back_keys(keys, top, buf)
+
+    async def _write_back_keys(self, keys: list[bytes], top: TierScheduler, buf: torch.Tensor) -> None:
         for k in keys:
             for lower in self.tiers[1:]:
                 try:
@@ -529,7 +552,7 @@ class KVPool:
                         continue
                     if not await top.read_into(k, buf):
                         break  # evicted before it was written back: a cache may lose it
-                    await lower.write(k, buf)
+                    await self._io[self.tiers.index(lower)].write(k, buf)
                     self._counters["write_backs"] += 1
                 except Exception:
                     self._counters["write_back_failures"] += 1
@@ -542,7 +565,8 @@ class KVPool:
                 continue
             for upper in range(t):
                 try:
-                    await self.tiers[upper].write(keys[c], views[c])
+                    with io_class(Priority.PROMOTION):
+                        await self._io[upper].write(keys[c], views[c])
                     self._counters["promotions"] += 1
                 except KVPoolError:
                     pass

@@ -1,0 +1,205 @@
+"""The async I/O scheduler that sits in front of every tier.
+
+Requests carry a priority class and a deadline, taken from context variables the pool sets (so a backend
+call deep inside a background task is classed correctly without threading arguments through)::
+
+    FOREGROUND (a restore a request is waiting on)  >  PREFETCH  >  PROMOTION  >  WRITE_BACK
+
+Rules, per tier:
+
+- At most ``max_inflight`` operations run at once (the device's useful queue depth at our op size); large
+  batches are cut into operations of at most ``op_bytes`` so that a big background batch cannot hold the
+  device for long.
+- Foreground operations are served earliest-deadline-first (a layer-wise restore gives layer *i* the deadline
+  ``start + i * layer_time``: each layer's data is due just before the model needs it). Among equal
+  deadlines, every request's k-th operation goes before any request's (k+1)-th (round-robin fairness: a big
+  restore cannot starve a small one that arrived just after it), then FIFO.
+- Background classes run only in the slack: when no foreground operation is waiting, and never more than
+  ``background_inflight`` at once, so a foreground arrival waits for at most that many background ops.
+- Cancellation: a cancelled waiter leaves the queue; a cancelled running operation is cancelled in the
+  backend (whose buffers are the caller's, returned on cancellation).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import heapq
+import itertools
+import math
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from enum import IntEnum
+from typing import Any, TypeVar
+
+import torch
+
+from .backends.base import Backend, ReadRequest, nbytes_of
+
+__all__ = ["Priority", "TierScheduler", "io_class", "io_priority", "io_deadline"]
+
+T = TypeVar("T")
+
+
+class Priority(IntEnum):
+    FOREGROUND = 0
+    PREFETCH = 1
+    PROMOTION = 2
+    WRITE_BACK = 3
+
+
+io_priority: contextvars.ContextVar[Priority] = contextvars.ContextVar("kvpool_io_priority", default=Priority.FOREGROUND)
+io_deadline: contextvars.ContextVar[float] = contextvars.ContextVar("kvpool_io_deadline", default=math.inf)
+
+
+class io_class:
+    """Context manager: run the enclosed I/O at ``priority`` (and ``deadline``, a ``time.monotonic()`` value)."""
+
+    def __init__(self, priority: Priority, deadline: float = math.inf) -> None:
+        self.priority, self.deadline = priority, deadline
+        self._tokens: tuple[contextvars.Token[Priority], contextvars.Token[float]] | None = None
+
+    def __enter__(self) -> io_class:
+        self._tokens = (io_priority.set(self.priority), io_deadline.set(self.deadline))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._tokens is not None
+        io_priority.reset(self._tokens[0])
+        io_deadline.reset(self._tokens[1])
+
+
+class TierScheduler:
+    """Queues a tier's reads and writes by priority and deadline under a concurrency limit.
+
+    Parameters
+    ----------
+    backend
+        The tier.
+    max_inflight
+        Operations in flight at once.
+    background_inflight
+        Of those, at most this many of a background class.
+    op_bytes
+        Batches are cut into operations of about this many bytes.
+    """
+
+    def __init__(
+        self, backend: Backend, *, max_inflight: int = 8, background_inflight: int = 1, op_bytes: int = 64 << 20
+    ) -> None:
+        if max_inflight < 1 or background_inflight < 0:
+            raise ValueError("max_inflight must be >= 1 and background_inflight >= 0")
+        self.backend = backend
+        self.max_inflight = max_inflight
+        self.background_inflight = max(1, min(background_inflight, max_inflight))
+        self.op_bytes = op_bytes
+        self._heap: list[tuple[int, float, int, int, asyncio.Future[None]]] = []
+        self._seq = itertools.count()
+        self._running = 0
+        self._running_bg = 0
+        self.counters = {f"ops_{p.name.lower()}": 0 for p in Priority}
+        self.counters.update(cancelled=0, max_queue=0)
+        self.wait_time = {p.name.lower(): 0.0 for p in Priority}
+
+    # --- admission ---------------------------------------------------------------------------------------
+    def _can_start(self, prio: int) -> bool:
+        if self._running >= self.max_inflight:
+            return False
+        if prio == Priority.FOREGROUND:
+            return True
+        return self._running_bg < self.background_inflight
+
+    def _pump(self) -> None:
+        while self._heap:
+            prio, _dl, _rank, _seq, fut = self._heap[0]
+            if fut.done():  # cancelled while queued
+                heapq.heappop(self._heap)
+                continue
+            if not self._can_start(prio):
+                return
+            heapq.heappop(self._heap)
+            self._running += 1
+            if prio != Priority.FOREGROUND:
+                self._running_bg += 1
+            fut.set_result(None)
+
+    async def _run(self, fn: Callable[[], Awaitable[T]], rank: int = 0) -> T:
+        prio = int(io_priority.get())
+        deadline = io_deadline.get() if prio == Priority.FOREGROUND else math.inf
+        t0 = time.perf_counter()
+        if self._heap or not self._can_start(prio):
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            heapq.heappush(self._heap, (prio, deadline, rank, next(self._seq), fut))
+            self.counters["max_queue"] = max(self.counters["max_queue"], len(self._heap))
+            self._pump()
+            try:
+                await fut
+            except asyncio.CancelledError:
+                self.counters["cancelled"] += 1
+                if fut.done() and not fut.cancelled():
+                    self._release(prio)  # admitted just as we were cancelled: give the slot back
+                raise
+        else:
+            self._running += 1
+            if prio != Priority.FOREGROUND:
+                self._running_bg += 1
+        self.wait_time[Priority(prio).name.lower()] += time.perf_counter() - t0
+        self.counters[f"ops_{Priority(prio).name.lower()}"] += 1
+        try:
+            return await fn()
+        finally:
+            self._release(prio)
+
+    def _release(self, prio: int) -> None:
+        self._running -= 1
+        if prio != Priority.FOREGROUND:
+            self._running_bg -= 1
+        self._pump()
+
+    # --- the tier's data calls, scheduled ----------------------------------------------------------------
+    def _cut(self, sizes: Sequence[int]) -> list[range]:
+        out, start, acc = [], 0, 0
+        for i, n in enumerate(sizes):
+            if acc and acc + n > self.op_bytes:
+                out.append(range(start, i))
+                start, acc = i, 0
+            acc += n
+        out.append(range(start, len(sizes)))
+        return out
+
+    async def read_many(self, requests: Sequence[ReadRequest]) -> list[bool]:
+        if not requests:
+            return []
+        groups = self._cut([nbytes_of(r.dest) for r in requests])
+
+        async def one(rank: int, g: range) -> list[bool]:
+            return await self._run(lambda: self.backend.read_many([requests[i] for i in g]), rank)
+
+        if len(groups) == 1:
+            return await one(0, groups[0])
+        parts = await asyncio.gather(*(one(r, g) for r, g in enumerate(groups)))
+        return [ok for p in parts for ok in p]
+
+    async def read_into(self, key: bytes, dest: torch.Tensor, offset: int = 0) -> bool:
+        return (await self.read_many([ReadRequest(key, dest, offset)]))[0]
+
+    async def write_many(self, items: Sequence[tuple[bytes, torch.Tensor]]) -> None:
+        if not items:
+            return
+        groups = self._cut([nbytes_of(s) for _, s in items])
+
+        async def one(rank: int, g: range) -> None:
+            await self._run(lambda: self.backend.write_many([items[i] for i in g]), rank)
+
+        await asyncio.gather(*(one(r, g) for r, g in enumerate(groups)))
+
+    async def write(self, key: bytes, src: torch.Tensor) -> None:
+        await self.write_many([(key, src)])
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "queued": len(self._heap),
+            "running": self._running,
+            **self.counters,
+            "wait_s": {k: round(v, 6) for k, v in self.wait_time.items()},
+        }
