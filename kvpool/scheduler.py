@@ -14,8 +14,9 @@ Rules, per tier:
   ``start + i * layer_time``: each layer's data is due just before the model needs it). Among equal
   deadlines, every request's k-th operation goes before any request's (k+1)-th (round-robin fairness: a big
   restore cannot starve a small one that arrived just after it), then FIFO.
-- Background classes run only in the slack: when no foreground operation is waiting, and never more than
-  ``background_inflight`` at once, so a foreground arrival waits for at most that many background ops.
+- Background classes run only in the slack: when no foreground operation is running or waiting, and never
+  more than ``background_inflight`` at once, so a foreground arrival waits for at most that many background
+  operations already on the device.
 - Cancellation: a cancelled waiter leaves the queue; a cancelled running operation is cancelled in the
   backend (whose buffers are the caller's, returned on cancellation).
 """
@@ -107,7 +108,8 @@ class TierScheduler:
             return False
         if prio == Priority.FOREGROUND:
             return True
-        return self._running_bg < self.background_inflight
+        # background only in the slack: nothing of the foreground running (queued foreground sorts first)
+        return self._running_bg < self.background_inflight and self._running == self._running_bg
 
     def _pump(self) -> None:
         while self._heap:
