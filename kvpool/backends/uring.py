@@ -50,7 +50,8 @@ log = logging.getLogger("kvpool.uring")
 BLOCK = fmt.BLOCK
 _IOV_MAX = 512  # iovecs per SQE (the kernel's limit is 1024)
 _MAX_IO = 8 << 20
-_LOCK_WAIT_S = 2.0  # split larger ranges so the device sees many requests in parallel
+_LOCK_WAIT_S = 2.0
+_OFFLOAD_BYTES = 4 << 20  # verify/copy at least this much off the event loop  # split larger ranges so the device sees many requests in parallel
 
 
 def _runs(t: torch.Tensor) -> list[tuple[int, int]]:
@@ -173,7 +174,7 @@ class UringBackend(Backend):
         capacity: int | None = None,
         *,
         entries: int = 256,
-        bounce: int = 64 << 20,
+        bounce: int = 256 << 20,
         sqpoll: bool = False,
         policy: str | EvictionPolicy = "lru",
         direct: bool = True,
@@ -225,7 +226,7 @@ class UringBackend(Backend):
             spec.location,
             spec.size("capacity"),
             entries=spec.integer("entries", 256),
-            bounce=spec.size("bounce", 64 << 20) or (64 << 20),
+            bounce=spec.size("bounce", 256 << 20) or (256 << 20),
             sqpoll=spec.flag("sqpoll"),
             policy=spec.params.get("policy", "lru"),
             direct=spec.flag("direct", True),
@@ -877,27 +878,47 @@ class UringBackend(Backend):
                 want = spec[3] if spec[0] == "fixed" else sum(n for _, n in spec[1])
                 if rv != want:
                     failed.add(owner)
-            for p, (i, e, r0, r1, runs, b, dest) in enumerate(plans):
+            bounce_t = self._bounce.tensor
+
+            def finish(plan: tuple[int, fmt.Entry, int, int, list[tuple[int, int]], tuple[int, int] | None,
+                                   torch.Tensor]) -> bool:
+                """Verify a completed read and copy it out of staging; safe to run in a worker thread."""
+                i, e, r0, r1, runs, b, dest = plan
                 r = requests[i]
-                if p in failed:
-                    self.counters["read_errors"] += 1
-                    self.counters["misses"] += 1
-                    continue
                 cover = fmt.parts_covering(e, r0, r1)
                 sums = _part_hashes(runs, e.key, cover.start, _part_sizes(e.length, e.part_size, cover.start, cover.stop))
                 if sums != list(e.checksums[cover.start : cover.stop]):
+                    return False
+                if b is not None or dest is not r.dest:
+                    n = nbytes_of(r.dest)
+                    base = bounce_t[b[0] : b[0] + b[1]] if b is not None else dest
+                    src = base[r.offset - r0 : r.offset - r0 + n]
+                    r.dest.copy_(src.view(r.dest.dtype).view(r.dest.shape))
+                return True
+
+            todo = [p for p in range(len(plans)) if p not in failed]
+            for p in failed:
+                self.counters["read_errors"] += 1
+                self.counters["misses"] += 1
+            # Large verifications and copy-outs run in worker threads (xxhash and torch release the GIL), so the
+            # event loop keeps submitting I/O for other requests meanwhile; small ones are cheaper inline.
+            big = {p for p in todo if plans[p][3] - plans[p][2] >= _OFFLOAD_BYTES}
+            verdict = {p: finish(plans[p]) for p in todo if p not in big}
+            if big:
+                order = sorted(big)
+                oks = await asyncio.gather(*(asyncio.to_thread(finish, plans[p]) for p in order))
+                verdict.update(zip(order, oks))
+            for p in todo:
+                i, e = plans[p][0], plans[p][1]
+                r = requests[i]
+                if not verdict[p]:
                     self.counters["corrupt"] += 1
                     self.counters["misses"] += 1
                     log.warning("%s: object %s failed its checksum; treated as a miss", self.path, e.key.hex())
                     continue
-                n = nbytes_of(r.dest)
-                if b is not None or dest is not r.dest:
-                    base = self._bounce.tensor[b[0] : b[0] + b[1]] if b is not None else dest
-                    src = base[r.offset - r0 : r.offset - r0 + n]
-                    r.dest.copy_(src.view(r.dest.dtype).view(r.dest.shape))
                 results[i] = True
                 self.counters["hits"] += 1
-                self.counters["bytes_read"] += n
+                self.counters["bytes_read"] += nbytes_of(r.dest)
                 self.policy.touch(r.key)
         finally:
             if need:
