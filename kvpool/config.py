@@ -128,6 +128,9 @@ class PoolConfig:
     io_max_inflight, io_background_inflight, io_op_bytes
         Per-tier I/O scheduler: operations in flight, how many of them may be background work (prefetch,
         promotion, write-back), and the size batches are cut into (see :mod:`kvpool.scheduler`).
+    result_cache_bytes
+        Memory kept for the tensors :meth:`KVPool.get` and :meth:`KVPool.stream` return, reused once the caller
+        drops them (fresh memory costs the kernel more than an SSD read of it); 0 disables.
     promotion
         Admission for those copies: ``second-hit`` (default) promotes a chunk the second time it is read
         from below within a recent window, so a one-off scan does not flood the fast tier; ``always``.
@@ -136,6 +139,7 @@ class PoolConfig:
     namespace: str = ""
     write_policy: str = attrs.field(default="write-through", validator=_write_policy)
     promote_on_hit: bool = True
+    result_cache_bytes: int = 2 << 30
     io_max_inflight: int = 8
     io_background_inflight: int = 1
     io_op_bytes: int = 64 << 20

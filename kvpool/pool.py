@@ -23,7 +23,7 @@ from .keys import PrefixHasher, as_token_array
 from .layout import KVLayout
 from .registry import backend_from_spec
 from .scheduler import Priority, TierScheduler, io_class
-from .buffers import aligned_empty
+from .buffers import RecyclingArena, aligned_empty
 
 __all__ = ["KVPool"]
 
@@ -108,6 +108,7 @@ class KVPool:
         }
         self._opened_at = time.time()
         self._admission = _Admission()
+        self._results = RecyclingArena(config.result_cache_bytes)
         # chunk key -> background move (prefetch) in flight; a restore of that key waits for it
         self._moving: dict[bytes, asyncio.Future[None]] = {}
         self._background: set[asyncio.Task[None]] = set()
@@ -375,7 +376,7 @@ class KVPool:
         keys = self._hasher.keys(tokens)
         await self._join_moves(keys)
         where = await self._locate(keys)
-        out = aligned_empty(self.layout.kv_shape(len(where) * self.layout.chunk_tokens), self.layout.dtype)
+        out = self._results.empty(self.layout.kv_shape(len(where) * self.layout.chunk_tokens), self.layout.dtype)
         n = await self._read_chunks(keys, where, out)
         self._account(len(keys), n)
         if n < out.shape[2]:
@@ -426,7 +427,7 @@ class KVPool:
         step = layer_time if layer_time is not None else 1e-6  # without an estimate: layer order
 
         async def read_layer(layer: int) -> torch.Tensor:
-            x = aligned_empty(shape, self.layout.dtype)
+            x = self._results.empty(shape, self.layout.dtype)
             off = self.layout.layer_offset(layer)
             with io_class(Priority.FOREGROUND, start + layer * step):
                 ok = await self._read_views(

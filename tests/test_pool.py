@@ -314,3 +314,23 @@ async def test_promotion_always_config() -> None:
             await small.delete(k)
         await pool.get(t)
         assert pool.stats()["promotions"] == 4
+
+
+async def test_result_memory_is_reused_only_after_release() -> None:
+    import gc
+
+    layout = KVLayout(num_layers=4, num_kv_heads=8, head_dim=128, dtype=torch.float16, chunk_tokens=256)
+    async with await KVPool.open(layout=layout, model_id="m", backends=["dram://?capacity=64MiB"]) as pool:
+        a, b = toks(1024, 1), toks(1024, 2)
+        kva, kvb = make_kv(1024, 1, layout), make_kv(1024, 2, layout)
+        await pool.put(a, kva)
+        await pool.put(b, kvb)
+        ga = await pool.get(a)
+        gb = await pool.get(b)  # ga is alive: must not share memory
+        assert torch.equal(ga, kva) and torch.equal(gb, kvb)
+        ptr = ga.data_ptr()
+        del ga
+        gc.collect()
+        ga2 = await pool.get(a)
+        assert ga2.data_ptr() == ptr and pool._results.reused >= 1
+        assert torch.equal(ga2, kva) and torch.equal(gb, kvb)
