@@ -27,7 +27,7 @@ from .buffers import RecyclingArena, aligned_empty
 
 __all__ = ["KVPool"]
 
-_DEFAULT_PREFETCH_LAYERS = 2
+_DEFAULT_PREFETCH_LAYERS = 4
 
 
 def _tier_from_spec(spec: Any) -> Backend:
