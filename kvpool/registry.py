@@ -30,6 +30,7 @@ _BUILTIN: dict[str, tuple[str, str | None]] = {
     "rediss": ("kvpool.backends.redis:RedisBackend", "redis"),
     "valkey": ("kvpool.backends.redis:RedisBackend", "redis"),
     "redis+cluster": ("kvpool.backends.redis:RedisBackend", "redis"),
+    "mooncake": ("kvpool.backends.mooncake:MooncakeBackend", "mooncake"),
 }
 
 _registry: dict[str, type[Backend] | str] = {}
