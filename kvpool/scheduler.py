@@ -193,7 +193,10 @@ class TierScheduler:
         async def one(rank: int, g: range) -> None:
             await self._run(lambda: self.backend.write_many([items[i] for i in g]), rank)
 
-        await asyncio.gather(*(one(r, g) for r, g in enumerate(groups)))
+        if len(groups) == 1:  # the common case: no task per group
+            await one(0, groups[0])
+        else:
+            await asyncio.gather(*(one(r, g) for r, g in enumerate(groups)))
 
     async def write(self, key: bytes, src: torch.Tensor) -> None:
         await self.write_many([(key, src)])
