@@ -101,6 +101,8 @@ class TierScheduler:
         self.counters = {f"ops_{p.name.lower()}": 0 for p in Priority}
         self.counters.update(cancelled=0, max_queue=0)
         self.wait_time = {p.name.lower(): 0.0 for p in Priority}
+        self.bytes = {"read": 0, "written": 0}
+        self._recent_bps = 0.0  # EWMA of foreground read bandwidth
 
     # --- admission ---------------------------------------------------------------------------------------
     def _can_start(self, prio: int) -> bool:
@@ -175,7 +177,15 @@ class TierScheduler:
         groups = self._cut([nbytes_of(r.dest) for r in requests])
 
         async def one(rank: int, g: range) -> list[bool]:
-            return await self._run(lambda: self.backend.read_many([requests[i] for i in g]), rank)
+            sub = [requests[i] for i in g]
+            t0 = time.perf_counter()
+            res = await self._run(lambda: self.backend.read_many(sub), rank)
+            n = sum(nbytes_of(r.dest) for r, ok in zip(sub, res) if ok)
+            self.bytes["read"] += n
+            dt = time.perf_counter() - t0
+            if n and dt > 0 and io_priority.get() == Priority.FOREGROUND:
+                self._recent_bps = 0.8 * self._recent_bps + 0.2 * (n / dt) if self._recent_bps else n / dt
+            return res
 
         if len(groups) == 1:
             return await one(0, groups[0])
@@ -191,7 +201,9 @@ class TierScheduler:
         groups = self._cut([nbytes_of(s) for _, s in items])
 
         async def one(rank: int, g: range) -> None:
-            await self._run(lambda: self.backend.write_many([items[i] for i in g]), rank)
+            sub = [items[i] for i in g]
+            await self._run(lambda: self.backend.write_many(sub), rank)
+            self.bytes["written"] += sum(nbytes_of(s) for _, s in sub)
 
         if len(groups) == 1:  # the common case: no task per group
             await one(0, groups[0])
@@ -206,5 +218,8 @@ class TierScheduler:
             "queued": len(self._heap),
             "running": self._running,
             **self.counters,
+            "bytes_read": self.bytes["read"],
+            "bytes_written": self.bytes["written"],
+            "recent_read_Bps": round(self._recent_bps),
             "wait_s": {k: round(v, 6) for k, v in self.wait_time.items()},
         }

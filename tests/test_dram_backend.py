@@ -63,3 +63,24 @@ async def test_full_of_pinned_raises_capacity_error() -> None:
     async with DRAMBackend(4096) as b:
         with pytest.raises(CapacityError):
             await b.write(rand_key(), rand_bytes(8192))
+
+
+async def test_numa_arena_binds_to_node() -> None:
+    b = DRAMBackend.from_spec(BackendSpec.parse("dram://?capacity=8MiB&numa=0"))
+    async with b:
+        k, d = rand_key(), rand_bytes(1 << 20)
+        await b.write(k, d)
+        out = torch.empty_like(d)
+        assert await b.read_into(k, out) and torch.equal(out, d)
+        assert b._arena is not None
+        addr = b._arena.data_ptr()
+        maps = open("/proc/self/numa_maps").read().splitlines()
+        line = next(m for m in maps if int(m.split()[0], 16) <= addr < int(m.split()[0], 16) + (8 << 20))
+        assert "bind:0" in line
+    with pytest.raises(ConfigError, match="NUMA node 4096"):
+        DRAMBackend(1 << 20, numa=4096)
+
+
+class TestDRAMNumaConformance(BackendTests):
+    async def make_backend(self, tmp_path: Path, capacity: int) -> DRAMBackend:
+        return DRAMBackend(capacity, numa=0)

@@ -10,6 +10,8 @@ against reuse by an overwrite or delete until the copy is done.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import os
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +20,7 @@ import torch
 from ..errors import CapacityError, ConfigError
 from ..eviction import EvictionPolicy, make_policy
 from ..allocator import ExtentAllocator
+from ..buffers import HUGE_PAGE, alloc_aligned, buffer_address
 from .base import Backend, Capabilities, ReadRequest, nbytes_of
 
 if TYPE_CHECKING:
@@ -26,6 +29,23 @@ if TYPE_CHECKING:
     from ..config import BackendSpec
 
 __all__ = ["DRAMBackend"]
+
+_SYS_MBIND = {"x86_64": 237, "aarch64": 235}.get(os.uname().machine)
+_MPOL_BIND = 2
+
+
+def _mbind(addr: int, length: int, node: int) -> None:
+    """Bind [addr, addr+length) to one NUMA node (mbind(2) through libc's syscall(); no libnuma needed)."""
+    if _SYS_MBIND is None:
+        raise ConfigError(f"dram://?numa= is not supported on {os.uname().machine}")
+    libc = ctypes.CDLL(None, use_errno=True)
+    mask = (ctypes.c_ulong * (node // 64 + 1))()
+    mask[node // 64] = 1 << (node % 64)
+    rc = libc.syscall(_SYS_MBIND, ctypes.c_void_p(addr), ctypes.c_ulong(length), _MPOL_BIND, mask,
+                      ctypes.c_ulong(64 * len(mask) + 1), 0)
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise ConfigError(f"dram://: mbind to NUMA node {node} failed: {os.strerror(err)}")
 
 # Copies at least this large go to a worker thread; smaller ones are cheaper inline than a thread hop.
 _OFFLOAD_BYTES = 4 << 20
@@ -64,13 +84,22 @@ class DRAMBackend(Backend):
     capabilities = Capabilities(persistent=False, partial_reads=True)
 
     def __init__(
-        self, capacity: int, *, pin_memory: bool | None = None, policy: str | EvictionPolicy = "lru"
+        self,
+        capacity: int,
+        *,
+        pin_memory: bool | None = None,
+        policy: str | EvictionPolicy = "lru",
+        numa: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(capacity, int) or capacity < _ALIGN:
             raise ConfigError(f"dram:// capacity must be at least {_ALIGN} bytes, got {capacity!r}")
         self._capacity = capacity
         self._pin = pin_memory
+        if numa is not None and not os.path.isdir(f"/sys/devices/system/node/node{numa}"):
+            raise ConfigError(f"dram://: NUMA node {numa} does not exist on this host")
+        self.numa = numa
+        self._mapping: Any = None
         self.policy = make_policy(policy) if isinstance(policy, str) else policy
         self._arena: torch.Tensor | None = None
         self._alloc = ExtentAllocator(capacity, _ALIGN)
@@ -80,16 +109,28 @@ class DRAMBackend(Backend):
 
     @classmethod
     def from_spec(cls, spec: BackendSpec) -> Self:
-        spec.check_known(("capacity", "pin", "policy"))
+        spec.check_known(("capacity", "pin", "policy", "numa"))
         cap = spec.size("capacity")
         if cap is None:
             raise ConfigError(f"{spec.text}: dram:// needs ?capacity=SIZE (e.g. dram://?capacity=8GiB)")
         pin = spec.flag("pin") if "pin" in spec.params else None
-        return cls(cap, pin_memory=pin, policy=spec.params.get("policy", "lru"))
+        numa = spec.integer("numa", -1)
+        return cls(cap, pin_memory=pin, policy=spec.params.get("policy", "lru"), numa=None if numa < 0 else numa)
 
     async def _open(self) -> None:
         pin = torch.cuda.is_available() if self._pin is None else self._pin
-        if pin:
+        if self.numa is not None:
+            # One arena per NUMA node: our own mapping, bound to the node before any page is touched, then
+            # (for CUDA) registered as page-locked in place.
+            self._mapping = alloc_aligned(-(-self._capacity // HUGE_PAGE) * HUGE_PAGE)
+            _mbind(buffer_address(self._mapping), len(self._mapping), self.numa)
+            self._arena = torch.frombuffer(self._mapping, dtype=torch.uint8, count=self._capacity)
+            if pin:
+                rc = torch.cuda.cudart().cudaHostRegister(self._arena.data_ptr(), self._capacity, 0)  # type: ignore[no-untyped-call]
+                if int(rc) != 0:
+                    raise ConfigError(f"dram://: cudaHostRegister failed ({rc})")
+                self.pinned_memory = True
+        elif pin:
             # Raises if pinning is impossible although explicitly asked for: a silent fallback would hide
             # a 2x slower host-to-device path.
             self._arena = torch.empty(self._capacity, dtype=torch.uint8, pin_memory=True)
@@ -98,6 +139,9 @@ class DRAMBackend(Backend):
             self._arena = torch.empty(self._capacity, dtype=torch.uint8)
 
     async def _close(self) -> None:
+        if self._mapping is not None and self.pinned_memory and self._arena is not None:
+            torch.cuda.cudart().cudaHostUnregister(self._arena.data_ptr())  # type: ignore[no-untyped-call]
+        self._mapping = None
         self._index.clear()
         self._alloc = ExtentAllocator(self._capacity, _ALIGN)
         self.policy = type(self.policy)()
