@@ -125,8 +125,8 @@ class PoolConfig:
         ``write-back``: a put returns once the first tier has it, lower tiers are written in the background.
     promote_on_hit
         Copy what a restore found in a lower tier into the tiers above it.
-    io_max_inflight, io_background_inflight, io_op_bytes
-        Per-tier I/O scheduler: operations in flight, how many of them may be background work (prefetch,
+    io_max_inflight, io_max_inflight_bytes, io_background_inflight, io_op_bytes
+        Per-tier I/O scheduler: operations and bytes in flight, how many of them may be background work (prefetch,
         promotion, write-back), and the size batches are cut into (see :mod:`kvpool.scheduler`).
     result_cache_bytes
         Memory kept for the tensors :meth:`KVPool.get` and :meth:`KVPool.stream` return, reused once the caller
@@ -140,7 +140,8 @@ class PoolConfig:
     write_policy: str = attrs.field(default="write-through", validator=_write_policy)
     promote_on_hit: bool = True
     result_cache_bytes: int = 2 << 30
-    io_max_inflight: int = 8
+    io_max_inflight: int = 32
+    io_max_inflight_bytes: int = 256 << 20
     io_background_inflight: int = 1
     io_op_bytes: int = 64 << 20
     promotion: str = attrs.field(default="second-hit", validator=attrs.validators.in_(("second-hit", "always")))

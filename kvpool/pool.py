@@ -84,7 +84,8 @@ class KVPool:
         self.tiers: list[Backend] = list(tiers)
         # every data call to a tier goes through its scheduler (priorities, deadlines, queue depth)
         self._io = [
-            TierScheduler(t, max_inflight=config.io_max_inflight, background_inflight=config.io_background_inflight,
+            TierScheduler(t, max_inflight=config.io_max_inflight, max_inflight_bytes=config.io_max_inflight_bytes,
+                          background_inflight=config.io_background_inflight,
                           op_bytes=config.io_op_bytes)
             for t in self.tiers
         ]

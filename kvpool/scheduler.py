@@ -7,8 +7,9 @@ call deep inside a background task is classed correctly without threading argume
 
 Rules, per tier:
 
-- At most ``max_inflight`` operations run at once (the device's useful queue depth at our op size); large
-  batches are cut into operations of at most ``op_bytes`` so that a big background batch cannot hold the
+- At most ``max_inflight`` operations and ``max_inflight_bytes`` bytes are in flight at once (the device's
+  useful queue depth; bytes, because a layer-wise restore issues many small operations and a bulk one few
+  large ones); an operation is always admitted when nothing is running. Large batches are cut into operations of at most ``op_bytes`` so that a big background batch cannot hold the
   device for long.
 - Foreground operations are served earliest-deadline-first (a layer-wise restore gives layer *i* the deadline
   ``start + i * layer_time``: each layer's data is due just before the model needs it). Among equal
@@ -86,15 +87,23 @@ class TierScheduler:
     """
 
     def __init__(
-        self, backend: Backend, *, max_inflight: int = 8, background_inflight: int = 1, op_bytes: int = 64 << 20
+        self,
+        backend: Backend,
+        *,
+        max_inflight: int = 32,
+        max_inflight_bytes: int = 256 << 20,
+        background_inflight: int = 1,
+        op_bytes: int = 64 << 20,
     ) -> None:
         if max_inflight < 1 or background_inflight < 0:
             raise ValueError("max_inflight must be >= 1 and background_inflight >= 0")
         self.backend = backend
         self.max_inflight = max_inflight
+        self.max_inflight_bytes = max_inflight_bytes
+        self._running_bytes = 0
         self.background_inflight = max(1, min(background_inflight, max_inflight))
         self.op_bytes = op_bytes
-        self._heap: list[tuple[int, float, int, int, asyncio.Future[None]]] = []
+        self._heap: list[tuple[int, float, int, int, int, asyncio.Future[None]]] = []
         self._seq = itertools.count()
         self._running = 0
         self._running_bg = 0
@@ -105,8 +114,10 @@ class TierScheduler:
         self._recent_bps = 0.0  # EWMA of foreground read bandwidth
 
     # --- admission ---------------------------------------------------------------------------------------
-    def _can_start(self, prio: int) -> bool:
-        if self._running >= self.max_inflight:
+    def _can_start(self, prio: int, nbytes: int) -> bool:
+        if self._running and (
+            self._running >= self.max_inflight or self._running_bytes + nbytes > self.max_inflight_bytes
+        ):
             return False
         if prio == Priority.FOREGROUND:
             return True
@@ -115,25 +126,26 @@ class TierScheduler:
 
     def _pump(self) -> None:
         while self._heap:
-            prio, _dl, _rank, _seq, fut = self._heap[0]
+            prio, _dl, _rank, _seq, nbytes, fut = self._heap[0]
             if fut.done():  # cancelled while queued
                 heapq.heappop(self._heap)
                 continue
-            if not self._can_start(prio):
+            if not self._can_start(prio, nbytes):
                 return
             heapq.heappop(self._heap)
             self._running += 1
+            self._running_bytes += nbytes
             if prio != Priority.FOREGROUND:
                 self._running_bg += 1
             fut.set_result(None)
 
-    async def _run(self, fn: Callable[[], Awaitable[T]], rank: int = 0) -> T:
+    async def _run(self, fn: Callable[[], Awaitable[T]], rank: int = 0, nbytes: int = 0) -> T:
         prio = int(io_priority.get())
         deadline = io_deadline.get() if prio == Priority.FOREGROUND else math.inf
         t0 = time.perf_counter()
-        if self._heap or not self._can_start(prio):
+        if self._heap or not self._can_start(prio, nbytes):
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            heapq.heappush(self._heap, (prio, deadline, rank, next(self._seq), fut))
+            heapq.heappush(self._heap, (prio, deadline, rank, next(self._seq), nbytes, fut))
             self.counters["max_queue"] = max(self.counters["max_queue"], len(self._heap))
             self._pump()
             try:
@@ -141,10 +153,11 @@ class TierScheduler:
             except asyncio.CancelledError:
                 self.counters["cancelled"] += 1
                 if fut.done() and not fut.cancelled():
-                    self._release(prio)  # admitted just as we were cancelled: give the slot back
+                    self._release(prio, nbytes)  # admitted just as we were cancelled: give the slot back
                 raise
         else:
             self._running += 1
+            self._running_bytes += nbytes
             if prio != Priority.FOREGROUND:
                 self._running_bg += 1
         self.wait_time[Priority(prio).name.lower()] += time.perf_counter() - t0
@@ -152,10 +165,11 @@ class TierScheduler:
         try:
             return await fn()
         finally:
-            self._release(prio)
+            self._release(prio, nbytes)
 
-    def _release(self, prio: int) -> None:
+    def _release(self, prio: int, nbytes: int) -> None:
         self._running -= 1
+        self._running_bytes -= nbytes
         if prio != Priority.FOREGROUND:
             self._running_bg -= 1
         self._pump()
@@ -179,7 +193,7 @@ class TierScheduler:
         async def one(rank: int, g: range) -> list[bool]:
             sub = [requests[i] for i in g]
             t0 = time.perf_counter()
-            res = await self._run(lambda: self.backend.read_many(sub), rank)
+            res = await self._run(lambda: self.backend.read_many(sub), rank, sum(nbytes_of(r.dest) for r in sub))
             n = sum(nbytes_of(r.dest) for r, ok in zip(sub, res) if ok)
             self.bytes["read"] += n
             dt = time.perf_counter() - t0
@@ -202,7 +216,7 @@ class TierScheduler:
 
         async def one(rank: int, g: range) -> None:
             sub = [items[i] for i in g]
-            await self._run(lambda: self.backend.write_many(sub), rank)
+            await self._run(lambda: self.backend.write_many(sub), rank, sum(nbytes_of(s) for _, s in sub))
             self.bytes["written"] += sum(nbytes_of(s) for _, s in sub)
 
         if len(groups) == 1:  # the common case: no task per group
