@@ -100,6 +100,7 @@ class TierScheduler:
         self.backend = backend
         self.max_inflight = max_inflight
         self.max_inflight_bytes = max_inflight_bytes
+        self.queued = backend.capabilities.queued_io
         self._running_bytes = 0
         self.background_inflight = max(1, min(background_inflight, max_inflight))
         self.op_bytes = op_bytes
@@ -188,17 +189,18 @@ class TierScheduler:
     async def read_many(self, requests: Sequence[ReadRequest]) -> list[bool]:
         if not requests:
             return []
+        if not self.queued:  # a memory tier: nothing to queue for, go straight through
+            t0 = time.perf_counter()
+            res = await self.backend.read_many(requests)
+            self._account_read(requests, res, time.perf_counter() - t0)
+            return res
         groups = self._cut([nbytes_of(r.dest) for r in requests])
 
         async def one(rank: int, g: range) -> list[bool]:
             sub = [requests[i] for i in g]
             t0 = time.perf_counter()
             res = await self._run(lambda: self.backend.read_many(sub), rank, sum(nbytes_of(r.dest) for r in sub))
-            n = sum(nbytes_of(r.dest) for r, ok in zip(sub, res) if ok)
-            self.bytes["read"] += n
-            dt = time.perf_counter() - t0
-            if n and dt > 0 and io_priority.get() == Priority.FOREGROUND:
-                self._recent_bps = 0.8 * self._recent_bps + 0.2 * (n / dt) if self._recent_bps else n / dt
+            self._account_read(sub, res, time.perf_counter() - t0)
             return res
 
         if len(groups) == 1:
@@ -211,6 +213,10 @@ class TierScheduler:
 
     async def write_many(self, items: Sequence[tuple[bytes, torch.Tensor]]) -> None:
         if not items:
+            return
+        if not self.queued:
+            await self.backend.write_many(items)
+            self.bytes["written"] += sum(nbytes_of(s) for _, s in items)
             return
         groups = self._cut([nbytes_of(s) for _, s in items])
 
@@ -226,6 +232,12 @@ class TierScheduler:
 
     async def write(self, key: bytes, src: torch.Tensor) -> None:
         await self.write_many([(key, src)])
+
+    def _account_read(self, reqs: Sequence[ReadRequest], res: Sequence[bool], dt: float) -> None:
+        n = sum(nbytes_of(r.dest) for r, ok in zip(reqs, res) if ok)
+        self.bytes["read"] += n
+        if n and dt > 0 and io_priority.get() == Priority.FOREGROUND:
+            self._recent_bps = 0.8 * self._recent_bps + 0.2 * (n / dt) if self._recent_bps else n / dt
 
     def stats(self) -> dict[str, Any]:
         return {

@@ -57,6 +57,9 @@ class Capabilities:
         Objects live in another process or machine (shared between pools).
     read_bandwidth, write_bandwidth
         Bytes per second, measured or hinted; ``None`` when unknown. Placement stripes by these.
+    queued_io
+        The backend's operations queue on a device or a network (SSD, remote): the pool puts its I/O
+        scheduler in front of it. Memory tiers, whose "I/O" is a memcpy on the caller's core, say ``False``.
     """
 
     persistent: bool = False
@@ -65,6 +68,7 @@ class Capabilities:
     remote: bool = False
     read_bandwidth: float | None = None
     write_bandwidth: float | None = None
+    queued_io: bool = True
 
 
 @attrs.frozen(slots=True)

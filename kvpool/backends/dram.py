@@ -81,7 +81,7 @@ class DRAMBackend(Backend):
     """
 
     scheme = "dram"
-    capabilities = Capabilities(persistent=False, partial_reads=True)
+    capabilities = Capabilities(persistent=False, partial_reads=True, queued_io=False)
 
     def __init__(
         self,

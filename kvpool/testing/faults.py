@@ -10,6 +10,7 @@ import random
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+import attrs
 import torch
 
 from ..backends.base import Backend, ReadRequest, nbytes_of
@@ -68,6 +69,7 @@ class LatencyBackend(_Wrapper):
     def __init__(self, inner: Backend, *, latency: float = 0.0, bandwidth: float | None = None,
                  channels: int = 1) -> None:
         super().__init__(inner)
+        self.capabilities = attrs.evolve(inner.capabilities, queued_io=True)  # it simulates a device
         self.latency, self.bandwidth = latency, bandwidth
         self._device = asyncio.Semaphore(channels)
         self.log: list[tuple[str, bytes, int]] = []
