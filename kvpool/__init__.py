@@ -24,6 +24,7 @@ from .errors import (
     UnknownBackendError,
 )
 from .layout import KVLayout
+from .paged import LayerEvents, PagedKV
 from .pool import KVPool
 from .registry import get_backend_class, known_backends, register_backend, registry
 
@@ -39,9 +40,11 @@ __all__ = [
     "KVLayout",
     "KVPool",
     "KVPoolError",
+    "LayerEvents",
     "LayoutError",
     "PoolClosedError",
     "PoolConfig",
+    "PagedKV",
     "PoolLockedError",
     "ReadRequest",
     "RestoreError",

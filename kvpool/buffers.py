@@ -12,6 +12,7 @@ import ctypes
 import mmap
 import threading
 import weakref
+from collections.abc import Callable
 from typing import Any, Final, cast
 
 import torch
@@ -106,7 +107,8 @@ class RecyclingArena:
     over it is garbage, from whichever thread drops it. Beyond the limit it falls back to :func:`aligned_empty`.
     """
 
-    def __init__(self, limit: int, segment: int = 256 << 20) -> None:
+    def __init__(self, limit: int, segment: int = 256 << 20,
+                 on_new_segment: Callable[[mmap.mmap], object] | None = None) -> None:
         from .allocator import ExtentAllocator
 
         self._alloc_cls = ExtentAllocator
@@ -114,6 +116,7 @@ class RecyclingArena:
         self.segment = -(-segment // HUGE_PAGE) * HUGE_PAGE
         self._segments: list[tuple[mmap.mmap, Any]] = []
         self._lock = threading.Lock()
+        self._on_new_segment = on_new_segment  # e.g. cudaHostRegister, so results are pinned for H2D copies
         self.reused = 0
         self.fallbacks = 0
 
@@ -138,6 +141,8 @@ class RecyclingArena:
                 self.fallbacks += 1
                 return aligned_empty(shape, dtype)
             seg = alloc_aligned(size)
+            if self._on_new_segment is not None:
+                self._on_new_segment(seg)
             alloc = self._alloc_cls(size, HUGE_PAGE)
             self._segments.append((seg, alloc))
             off = alloc.alloc(n)

@@ -12,7 +12,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -24,6 +24,9 @@ from .layout import KVLayout
 from .registry import backend_from_spec
 from .scheduler import Priority, TierScheduler, io_class
 from .buffers import RecyclingArena, aligned_empty
+
+if TYPE_CHECKING:
+    from .paged import PagedKV
 
 __all__ = ["KVPool"]
 
@@ -109,7 +112,12 @@ class KVPool:
         }
         self._opened_at = time.time()
         self._admission = _Admission()
-        self._results = RecyclingArena(config.result_cache_bytes)
+        from .paged import register_host_memory
+
+        # results feed host-to-device copies: page-lock each arena segment once (a no-op without CUDA)
+        self._results = RecyclingArena(
+            config.result_cache_bytes, on_new_segment=register_host_memory if torch.cuda.is_available() else None
+        )
         # chunk key -> background move (prefetch) in flight; a restore of that key waits for it
         self._moving: dict[bytes, asyncio.Future[None]] = {}
         self._background: set[asyncio.Task[None]] = set()
@@ -227,7 +235,7 @@ class KVPool:
         return where
 
     # --- API ---------------------------------------------------------------------------------------------
-    async def put(self, tokens: Any, kv: torch.Tensor) -> int:
+    async def put(self, tokens: Any, kv: torch.Tensor | PagedKV) -> int:
         """Store the KV of every full chunk of ``tokens``; return the number of tokens now stored.
 
         ``kv`` is ``[num_layers, 2, len(tokens), num_kv_heads, head_dim]``. A trailing partial chunk is
@@ -235,6 +243,10 @@ class KVPool:
         are removed again and the error propagates: the pool is as it was.
         """
         self._check_open()
+        from .paged import PagedKV, put_paged
+
+        if isinstance(kv, PagedKV):  # a paged (vLLM-style) source: gathered on its device, once per layer
+            return await put_paged(self, tokens, kv)
         arr = as_token_array(tokens)
         self.layout.check_kv(kv)
         if kv.shape[2] != len(arr):
@@ -384,13 +396,21 @@ class KVPool:
             return out[:, :, :n].contiguous()
         return out
 
-    async def get_into(self, tokens: Any, out: torch.Tensor) -> int:
+    async def get_into(self, tokens: Any, out: torch.Tensor | PagedKV) -> int:
         """Fill ``out[:, :, :n]`` with the cached prefix's KV and return ``n``.
 
-        ``out`` is ``[L, 2, T, H, D]`` of the pool's dtype, on the CPU (or a device a tier supports); at most
-        ``T // chunk_tokens`` chunks are restored. ``out[:, :, n:]`` is left unspecified.
+        ``out`` is ``[L, 2, T, H, D]`` of the pool's dtype (CPU or CUDA), or a :class:`~kvpool.PagedKV`
+        (vLLM-style per-layer block caches + block table: each layer is scattered into its blocks with one
+        launch; use :func:`kvpool.paged.restore_paged` directly to get per-layer CUDA events instead of waiting
+        here). At most ``T // chunk_tokens`` chunks are restored. ``out[:, :, n:]`` is left unspecified.
         """
         self._check_open()
+        from .paged import PagedKV, restore_paged
+
+        if isinstance(out, PagedKV):  # scatter each layer into the blocks, one launch per layer
+            hit, _events = await restore_paged(self, tokens, out)
+            _events.synchronize()
+            return hit
         self.layout.check_kv(out, name="out")
         keys = self._hasher.keys(tokens, max_chunks=out.shape[2] // self.layout.chunk_tokens)
         await self._join_moves(keys)

@@ -1,0 +1,338 @@
+"""``gpu://?device=0&capacity=20GiB`` -- a tier in spare GPU memory: one arena, its own allocator, LRU eviction.
+
+The arena is one preallocated ``torch.uint8`` CUDA tensor; objects are extents of it
+(:class:`~kvpool.allocator.ExtentAllocator`, 4 KiB aligned), evicted by the tier's policy
+(:func:`~kvpool.eviction.make_policy`, ``lru`` by default). A write or read is one strided ``copy_`` between
+the arena and the caller's tensor: device-to-device for CUDA tensors, host-to-device / device-to-host for CPU
+ones (at full link speed when they are pinned). Copies are issued ``non_blocking`` on a dedicated stream
+that first waits for the caller's current stream (so the caller's pending work on the tensor comes first),
+and the coroutine returns only after an event recorded behind the copy has completed -- so the bytes are
+valid, on every stream, when it returns. That wait polls the event for a few loop turns and then finishes in
+a worker thread: the event loop never blocks on a long copy. The extent under a copy is pinned against
+eviction and reuse until the copy is done (as in :mod:`.dram`).
+
+Options: ``device`` (CUDA ordinal, default 0), ``capacity`` (required), ``policy`` (``lru``, ``s3fifo``,
+``prefix``, ``attention``). Opening without a CUDA device raises :class:`~kvpool.ConfigError`.
+
+Test hook: ``GPUBackend(capacity, _device="cpu")`` puts the arena in host memory and runs every copy
+synchronously, so the allocator, eviction and protocol logic run on machines without a GPU (the conformance
+suite does this). Not for production use: that is what ``dram://`` is for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..allocator import ExtentAllocator
+from ..errors import CapacityError, ConfigError
+from ..eviction import EvictionPolicy, make_policy
+from ..paged import await_cuda_event
+from .base import Backend, Capabilities, ReadRequest, nbytes_of
+
+if TYPE_CHECKING:
+    from typing import Self
+
+    from ..config import BackendSpec
+
+__all__ = ["GPUBackend"]
+
+_ALIGN = 4096
+# Host-side copies at least this large (pageable memory: the CUDA driver stages them synchronously; or the
+# CPU test hook) are launched from a worker thread.
+_OFFLOAD_BYTES = 4 << 20
+
+_cuda: Any = torch.cuda  # torch.cuda's Stream/Event constructors are untyped
+
+
+class _Extent:
+    __slots__ = ("dead", "nbytes", "pins", "start")
+
+    def __init__(self, start: int, nbytes: int) -> None:
+        self.start = start
+        self.nbytes = nbytes
+        self.pins = 0
+        self.dead = False
+
+
+def _viewed(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``flat`` (uint8, contiguous) reinterpreted with ``like``'s dtype and shape."""
+    return flat.view(like.dtype).view(like.shape)
+
+
+class GPUBackend(Backend):
+    """GPU-memory tier.
+
+    Parameters
+    ----------
+    capacity
+        Arena size in bytes (a hard bound), allocated on :meth:`open`.
+    device
+        CUDA device ordinal.
+    policy
+        Eviction policy name or an :class:`~kvpool.eviction.EvictionPolicy` object.
+    _device
+        Test hook: a torch device string overriding ``cuda:{device}``. ``"cpu"`` runs the tier's logic with a
+        host arena and synchronous copies, so it can be tested without a GPU.
+    """
+
+    scheme = "gpu"
+    capabilities = Capabilities(persistent=False, device_memory=True, partial_reads=True)
+
+    def __init__(
+        self,
+        capacity: int,
+        *,
+        device: int = 0,
+        policy: str | EvictionPolicy = "lru",
+        _device: str | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < _ALIGN:
+            raise ConfigError(f"gpu:// capacity must be at least {_ALIGN} bytes, got {capacity!r}")
+        if isinstance(device, bool) or not isinstance(device, int) or device < 0:
+            raise ConfigError(f"gpu:// device must be a CUDA ordinal >= 0, got {device!r}")
+        self._capacity = capacity
+        self._ordinal = device
+        self._torch_device = torch.device(_device if _device is not None else f"cuda:{device}")
+        self._cuda = self._torch_device.type == "cuda"
+        self._policy_arg = policy
+        self.policy = make_policy(policy) if isinstance(policy, str) else policy
+        self._arena: torch.Tensor | None = None
+        self._stream: Any = None
+        self._alloc = ExtentAllocator(capacity, _ALIGN)
+        self._index: dict[bytes, _Extent] = {}
+        self.counters = {"hits": 0, "misses": 0, "evictions": 0, "bytes_read": 0, "bytes_written": 0}
+
+    @classmethod
+    def from_spec(cls, spec: BackendSpec) -> Self:
+        spec.check_known(("device", "capacity", "policy"))
+        cap = spec.size("capacity")
+        if cap is None:
+            raise ConfigError(f"{spec.text}: gpu:// needs ?capacity=SIZE (e.g. gpu://?device=0&capacity=20GiB)")
+        dev = spec.integer("device", 0)
+        if dev < 0:
+            raise ConfigError(f"{spec.text}: device must be a CUDA ordinal >= 0, got {dev}")
+        policy = spec.params.get("policy", "lru")
+        make_policy(policy)  # an unknown name is a ConfigError now, not at open
+        return cls(cap, device=dev, policy=policy)
+
+    @property
+    def device(self) -> torch.device:
+        return self._torch_device
+
+    async def _open(self) -> None:
+        if self._cuda:
+            try:
+                available = torch.cuda.is_available()
+            except Exception:
+                available = False
+            if not available:
+                raise ConfigError(
+                    "gpu:// needs a CUDA device, but torch.cuda.is_available() is False "
+                    f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})"
+                )
+            idx = self._torch_device.index or 0
+            count = torch.cuda.device_count()
+            if idx >= count:
+                raise ConfigError(f"gpu:// device={idx} does not exist ({count} CUDA device(s))")
+            try:
+                self._arena = torch.empty(self._capacity, dtype=torch.uint8, device=self._torch_device)
+            except torch.OutOfMemoryError as exc:
+                raise ConfigError(
+                    f"gpu:// cannot allocate {self._capacity} bytes on {self._torch_device}: {exc}"
+                ) from None
+            self._stream = _cuda.Stream(device=self._torch_device)
+        else:
+            self._arena = torch.empty(self._capacity, dtype=torch.uint8, device=self._torch_device)
+
+    async def _close(self) -> None:
+        if self._stream is not None:
+            await await_cuda_event(self._record())  # nothing of ours in flight when the arena goes
+        self._index.clear()
+        self._alloc = ExtentAllocator(self._capacity, _ALIGN)
+        self.policy = make_policy(self._policy_arg) if isinstance(self._policy_arg, str) else type(self.policy)()
+        self._arena = None  # returns to torch's caching allocator (torch.cuda.empty_cache() gives it back)
+        self._stream = None
+
+    # --- sizes -------------------------------------------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    @property
+    def used_bytes(self) -> int:
+        return self._alloc.used
+
+    async def object_size(self, key: bytes) -> int | None:
+        ext = self._index.get(key)
+        return ext.nbytes if ext is not None else None
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    # --- internals ---------------------------------------------------------------------------------------
+    def _release(self, ext: _Extent) -> None:
+        ext.dead = True
+        if ext.pins == 0:
+            self._alloc.free(ext.start, ext.nbytes)
+
+    def _unpin(self, ext: _Extent) -> None:
+        ext.pins -= 1
+        if ext.dead and ext.pins == 0:
+            self._alloc.free(ext.start, ext.nbytes)
+
+    def _allocate(self, nbytes: int) -> int:
+        if self._alloc.round(nbytes) > self._alloc.capacity:
+            raise CapacityError(f"an object of {nbytes} bytes cannot fit in gpu:// of {self._capacity} bytes")
+        while True:
+            start = self._alloc.alloc(nbytes)
+            if start is not None:
+                return start
+            victim = next((k for k in self.policy.candidates() if self._index[k].pins == 0), None)
+            if victim is None:
+                raise CapacityError(
+                    f"gpu:// is full: {nbytes} bytes needed, {self._alloc.free_bytes} free and every "
+                    f"object is in use"
+                )
+            self._evict(victim)
+
+    def _evict(self, key: bytes) -> None:
+        ext = self._index.pop(key)
+        self.policy.remove(key)
+        self._release(ext)
+        self.counters["evictions"] += 1
+
+    def _slice(self, start: int, nbytes: int) -> torch.Tensor:
+        assert self._arena is not None
+        return self._arena[start : start + nbytes]
+
+    def _record(self) -> Any:
+        ev = _cuda.Event()
+        ev.record(self._stream)
+        return ev
+
+    def _launch(self, dst: torch.Tensor, src: torch.Tensor, after: Any) -> Any:
+        """Issue ``dst.copy_(src)`` on our stream once ``after`` (the caller's stream) has passed its pending
+        work; return an event recorded behind the copy."""
+        s = self._stream
+        s.wait_stream(after)
+        with torch.cuda.stream(s):
+            dst.copy_(src, non_blocking=True)
+        return self._record()
+
+    async def _copy(self, dst: torch.Tensor, src: torch.Tensor, other: torch.Tensor, nbytes: int) -> None:
+        """Copy and wait until the bytes are there, without blocking the event loop on a long copy.
+
+        ``other`` is the caller's tensor (``src`` of a write, ``dest`` of a read)."""
+        if not self._cuda:  # test hook: a host arena
+            if nbytes >= _OFFLOAD_BYTES:
+                await asyncio.to_thread(dst.copy_, src)
+            else:
+                dst.copy_(src)
+            return
+        # the caller produced (or last used) its tensor on its current stream -- taken here, on the caller's
+        # thread: a worker thread's current stream is the default one
+        after = torch.cuda.current_stream(other.device if other.is_cuda else self._torch_device)
+        if nbytes >= _OFFLOAD_BYTES and not other.is_cuda and not other.is_pinned():
+            # from/to pageable host memory the driver stages synchronously: launch from a worker thread
+            ev = await asyncio.to_thread(self._launch, dst, src, after)
+        else:
+            ev = self._launch(dst, src, after)
+        await await_cuda_event(ev)
+
+    # --- the core ----------------------------------------------------------------------------------------
+    async def write(self, key: bytes, src: torch.Tensor) -> None:
+        self._check_open()
+        n = nbytes_of(src)
+        if n == 0:
+            raise ValueError("cannot store an empty object")
+        start = self._allocate(n)
+        ext = _Extent(start, n)
+        ext.pins = 1  # not yet visible, but an eviction must not hand it out while we copy
+        try:
+            await self._copy(_viewed(self._slice(start, n), src), src, src, n)
+        except BaseException:
+            ext.dead = True
+            self._unpin(ext)
+            raise
+        ext.pins = 0
+        old = self._index.get(key)
+        if old is not None:
+            self.policy.remove(key)
+            self._release(old)
+        self._index[key] = ext
+        self.policy.insert(key, n)
+        self.counters["bytes_written"] += n
+
+    async def read_into(self, key: bytes, dest: torch.Tensor, offset: int = 0) -> bool:
+        self._check_open()
+        ext = self._index.get(key)
+        if ext is None:
+            self.counters["misses"] += 1
+            return False
+        n = nbytes_of(dest)
+        if offset < 0 or offset + n > ext.nbytes:
+            raise ValueError(f"range [{offset}, {offset + n}) is outside an object of {ext.nbytes} bytes")
+        if offset % dest.element_size():
+            raise ValueError(f"offset {offset} is not a multiple of the destination's itemsize")
+        if n == 0:
+            return True
+        src = _viewed(self._slice(ext.start + offset, n), dest)
+        ext.pins += 1
+        try:
+            await self._copy(dest, src, dest, n)
+        finally:
+            self._unpin(ext)
+        if key in self._index:
+            self.policy.touch(key)
+        self.counters["hits"] += 1
+        self.counters["bytes_read"] += n
+        return True
+
+    async def delete(self, key: bytes) -> bool:
+        self._check_open()
+        ext = self._index.pop(key, None)
+        if ext is None:
+            return False
+        self.policy.remove(key)
+        self._release(ext)
+        return True
+
+    async def contains(self, key: bytes) -> bool:
+        self._check_open()
+        return key in self._index
+
+    async def write_many(self, items: Sequence[tuple[bytes, torch.Tensor]]) -> None:
+        if self._cuda and len(items) > 1:
+            await super().write_many(items)  # copies overlap on the stream; each waits for its own event
+        else:
+            for k, s in items:
+                await self.write(k, s)
+
+    async def read_many(self, requests: Sequence[ReadRequest]) -> list[bool]:
+        if self._cuda and len(requests) > 1:
+            return await super().read_many(requests)
+        return [await self.read_into(r.key, r.dest, r.offset) for r in requests]
+
+    async def contains_many(self, keys: Any) -> list[bool]:
+        self._check_open()
+        index = self._index
+        return [k in index for k in keys]
+
+    async def keys(self) -> AsyncIterator[bytes]:
+        self._check_open()
+        for k in list(self._index):
+            yield k
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            **super().stats(),
+            "device": str(self._torch_device),
+            "objects": len(self._index),
+            "policy": self.policy.name,
+            **self.counters,
+        }
