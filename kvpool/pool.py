@@ -40,7 +40,7 @@ def _tier_from_spec(spec: Any) -> Backend:
             raise ConfigError("a striped tier needs at least one backend")
         from .backends.striped import StripedBackend
 
-        striped: Backend = StripedBackend([backend_from_spec(b) for b in spec])
+        striped: Backend = StripedBackend.from_specs(list(spec))
         return striped
     return backend_from_spec(spec)
 

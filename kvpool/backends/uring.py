@@ -49,7 +49,7 @@ log = logging.getLogger("kvpool.uring")
 
 BLOCK = fmt.BLOCK
 _IOV_MAX = 512  # iovecs per SQE (the kernel's limit is 1024)
-_MAX_IO = 8 << 20
+_MAX_IO = 8 << 20  # upper bound of one request; lowered to the device's max_sectors_kb at open
 _LOCK_WAIT_S = 2.0
 _OFFLOAD_BYTES = 4 << 20  # verify/copy at least this much off the event loop  # split larger ranges so the device sees many requests in parallel
 
@@ -79,6 +79,21 @@ def _runs(t: torch.Tensor) -> list[tuple[int, int]]:
 
 def _mem(addr: int, n: int) -> memoryview:
     return memoryview((ctypes.c_char * n).from_address(addr)).cast("B")
+
+
+def _device_max_io(st: os.stat_result, is_block: bool) -> int:
+    """Largest request worth issuing: the device's max_sectors_kb (the block layer splits anything larger,
+    and some devices -- throttled loop devices among them -- then serve the pieces at a fraction of the rate)."""
+    dev = st.st_rdev if is_block else st.st_dev
+    base = f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}"
+    for q in (f"{base}/queue/max_sectors_kb", f"{base}/../queue/max_sectors_kb"):  # disk, or a partition's disk
+        try:
+            with open(q) as f:
+                kb = int(f.read().strip())
+            return max(128 << 10, min(_MAX_IO, kb * 1024 // BLOCK * BLOCK))
+        except (OSError, ValueError):
+            continue
+    return _MAX_IO
 
 
 def _part_seed(key: bytes, part: int) -> int:
@@ -203,6 +218,7 @@ class UringBackend(Backend):
         self._jpending: list[tuple[list[bytes], asyncio.Future[None]]] = []
         self._jtask: asyncio.Task[None] | None = None
         self._mem_align = BLOCK
+        self._max_io = _MAX_IO
         self.is_block_device = False
         self.counters = {
             "hits": 0,
@@ -334,6 +350,7 @@ class UringBackend(Backend):
         self._bounce = _Bounce(self._bounce_bytes)
         self._engine.register_buffers([self._bounce.buf])
         self._mem_align = await self._probe_mem_align()
+        self._max_io = _device_max_io(os.fstat(self._fd), self.is_block_device)
 
         sb = await self._read_meta(0, BLOCK)
         geo = fmt.Geometry.unpack_superblock(sb) if sb is not None else None
@@ -724,8 +741,8 @@ class UringBackend(Backend):
             for _key, e, runs, b in staged:
                 file_off = self._geo.d_off + e.offset if self._geo else 0
                 if b is not None:
-                    for o in range(0, b[1], _MAX_IO):
-                        ln = min(_MAX_IO, b[1] - o)
+                    for o in range(0, b[1], self._max_io):
+                        ln = min(self._max_io, b[1] - o)
                         ops.append((OP_WRITE, 0, 0, file_off + o, ("fixed", 0, b[0] + o, ln)))
                 else:
                     ops.extend(self._iov_ops(OP_WRITE, runs, file_off))
@@ -761,19 +778,20 @@ class UringBackend(Backend):
             self.counters["bytes_written"] += e.length
 
     def _iov_ops(self, op: int, runs: list[tuple[int, int]], file_off: int) -> list[tuple[Any, ...]]:
-        """Ops covering ``runs`` laid end to end at ``file_off``: <= _IOV_MAX iovecs and ~_MAX_IO bytes each."""
+        """Ops covering ``runs`` laid end to end at ``file_off``: <= _IOV_MAX iovecs and <= max_io bytes each."""
+        max_io = self._max_io
         ops: list[tuple[Any, ...]] = []
         cur: list[tuple[int, int]] = []
         cur_n = 0
         pos = file_off
         for addr, n in runs:
             while n > 0:
-                take = min(n, _MAX_IO - cur_n)
+                take = min(n, max_io - cur_n)
                 cur.append((addr, take))
                 cur_n += take
                 addr += take
                 n -= take
-                if cur_n >= _MAX_IO or len(cur) >= _IOV_MAX:
+                if cur_n >= max_io or len(cur) >= _IOV_MAX:
                     ops.append((op, 0, 0, pos, ("iov", cur)))
                     pos += cur_n
                     cur, cur_n = [], 0
@@ -867,8 +885,8 @@ class UringBackend(Backend):
                         boff = res_base + cursor
                         cursor += span
                         plans.append((i, e, r0, r1, [(self._bounce.addr + boff, span)], (boff, span), dest))
-                        for o in range(0, span, _MAX_IO):
-                            ops.append((OP_READ, 0, 0, file_off + o, ("fixed", 0, boff + o, min(_MAX_IO, span - o))))
+                        for o in range(0, span, self._max_io):
+                            ops.append((OP_READ, 0, 0, file_off + o, ("fixed", 0, boff + o, min(self._max_io, span - o))))
                             op_owner.append(len(plans) - 1)
                     self.counters["bounce_reads"] += 1
             res = await self._engine.submit(ops) if ops else []
@@ -959,6 +977,7 @@ class UringBackend(Backend):
             "block_device": self.is_block_device,
             "objects": len(self._index),
             "mem_align": self._mem_align,
+            "max_io": self._max_io,
             "policy": self.policy.name,
             **self.counters,
         }
