@@ -31,14 +31,3 @@ def disk_tmp(tmp_path: Path) -> Path:
 
 os.environ.setdefault("KVPOOL_TEST", "1")
 
-
-def pytest_unconfigure(config: pytest.Config) -> None:
-    # The Mooncake client's C++ teardown logs harmless "couldn't connect" lines at process exit, after the
-    # test servers are gone; silence the process's stderr once pytest's summary has been printed so the
-    # report ends with pytest's own closing line.
-    try:
-        sys.stderr.flush()
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 2)
-    except OSError:
-        pass
