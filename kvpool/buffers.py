@@ -9,15 +9,18 @@ here.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import mmap
 import threading
 import weakref
 from collections.abc import Callable
-from typing import Any, Final, cast
+from typing import Any, Final, cast, overload
 
 import torch
 
-__all__ = ["alloc_aligned", "buffer_address", "aligned_empty", "RecyclingArena", "PAGE", "HUGE_PAGE"]
+__all__ = [
+    "alloc_aligned", "buffer_address", "tensor_runs", "aligned_empty", "RecyclingArena", "PAGE", "HUGE_PAGE",
+]
 
 PAGE: Final = 4096
 HUGE_PAGE: Final = 2 * 1024 * 1024
@@ -78,6 +81,43 @@ def buffer_address(buf: object) -> int:
     the address.
     """
     return ctypes.addressof(ctypes.c_char.from_buffer(cast(Any, buf)))
+
+
+@overload
+def tensor_runs(t: torch.Tensor, limit: None = None) -> list[tuple[int, int]]: ...
+@overload
+def tensor_runs(t: torch.Tensor, limit: int) -> list[tuple[int, int]] | None: ...
+def tensor_runs(t: torch.Tensor, limit: int | None = None) -> list[tuple[int, int]] | None:
+    """(address, nbytes) of the contiguous runs of a CPU tensor, in row-major order.
+
+    None if there are more than ``limit`` runs (never with ``limit`` None). The caller must keep ``t`` alive
+    while the addresses are used.
+    """
+    if t.numel() == 0:
+        return []
+    isz = t.element_size()
+    shape, strides = list(t.shape), list(t.stride())
+    # merge trailing dims while they are contiguous
+    inner = 1
+    d = len(shape)
+    while d > 0 and (shape[d - 1] == 1 or strides[d - 1] == inner):
+        inner *= shape[d - 1]
+        d -= 1
+    if limit is not None:
+        count = 1
+        for s in shape[:d]:
+            count *= s
+        if count > limit:
+            return None
+    base = t.data_ptr()
+    block = inner * isz
+    if d == 0:
+        return [(base, block)]
+    lead = strides[:d]
+    return [
+        (base + sum(i * s for i, s in zip(idx, lead)) * isz, block)
+        for idx in itertools.product(*(range(s) for s in shape[:d]))
+    ]
 
 
 def aligned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

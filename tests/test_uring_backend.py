@@ -45,7 +45,9 @@ async def test_direct_and_bounce_paths(tmp_path: Path) -> None:
         assert await b.read_into(k, out)
         assert torch.equal(out, d)
         assert b.stats()["direct_reads"] == 1
-        odd = torch.empty(2 * MiB + 64, dtype=torch.uint8)[64:]
+        raw = torch.empty(2 * MiB + 1024, dtype=torch.uint8)
+        shift = (-raw.data_ptr()) % 512 + 64  # 64 bytes past a 512-byte boundary: never O_DIRECT-aligned
+        odd = raw[shift : shift + 2 * MiB]
         assert await b.read_into(k, odd)
         assert torch.equal(odd, d)
         assert b.stats()["bounce_reads"] >= 1

@@ -68,7 +68,6 @@ that lends a segment is closed (and its segment unmounted) when its last backend
 from __future__ import annotations
 
 import asyncio
-import bisect
 import concurrent.futures
 import ctypes
 import errno as errno_mod
@@ -78,7 +77,6 @@ import math
 import os
 import queue
 import socket
-import struct
 import threading
 import time
 import urllib.error
@@ -93,6 +91,7 @@ import xxhash
 from ..allocator import ExtentAllocator
 from ..buffers import alloc_aligned
 from ..errors import BackendError, ConfigError
+from ._remote_format import FIXED, Filler, Header, RemoteFormat, bytes_address, hdr_len, part_seed, seconds
 from .base import Backend, Capabilities, ReadRequest, nbytes_of
 
 if TYPE_CHECKING:
@@ -125,15 +124,8 @@ _DEFAULT_MASTER_PORT = 50051
 _DEFAULT_METADATA_PORT = 8080
 _DEFAULT_ADMIN_PORT = 9003
 
-_MAGIC = b"KVM1"
-_FORMAT = 1
-_FLAG_INLINE = 1
-# magic, format, flags, reserved, part_size, nparts, length, version, key
-_FIXED = struct.Struct("<4sBBHIIQQ16s")
-_U64 = struct.Struct("<Q")
-_MASK = 0xFFFFFFFFFFFFFFFF
-_GOLDEN = 0x9E3779B97F4A7C15
-_HDR_SALT = 0x6B76706F6F6C6D63  # "kvpoolmc"
+# magic and header checksum salt of this tier's objects
+_WIRE = RemoteFormat(b"KVM1", 0x6B76706F6F6C6D63)  # salt: "kvpoolmc"
 
 # Values sit in the transfer buffer at multiples of this (the allocator hands out 4 KiB-aligned regions).
 _SLOT = 64
@@ -145,8 +137,6 @@ _CLIENT_BUFFER = 16 * MiB
 # Verification and copies of at least this many bytes run in a worker thread (xxhash and memmove release the
 # GIL), so the event loop keeps serving other requests meanwhile.
 _OFFLOAD_BYTES = 8 * MiB
-# A destination with more contiguous runs than this is filled through one staging buffer and one copy_.
-_MAX_RUNS = 4096
 # Deadline allowance for bulk transfers: timeout + bytes / this.
 _SLOW_BPS = 256 * MiB
 # How long a read waits for a value that is being written (Mooncake answers "replica not ready" meanwhile).
@@ -192,161 +182,11 @@ _CLIENTS_LOCK = threading.Lock()
 
 
 # --- pure helpers -----------------------------------------------------------------------------------------
-def _key_seed(key: bytes) -> int:
-    return int.from_bytes(key[:8], "little")
-
-
-def _part_seed(key: bytes, part: int) -> int:
-    return (_key_seed(key) + part * _GOLDEN) & _MASK
-
-
-def _hdr_seed(key: bytes) -> int:
-    return _key_seed(key) ^ _HDR_SALT
-
-
-def _hdr_len(nparts: int) -> int:
-    return _FIXED.size + 8 * nparts + 8
-
-
-_INLINE_OFF = _hdr_len(1)  # where an inline object's data starts (64: aligned for any dtype)
+_INLINE_OFF = hdr_len(1)  # where an inline object's data starts (64: aligned for any dtype)
 
 
 def _round(n: int, a: int = _SLOT) -> int:
     return (n + a - 1) // a * a
-
-
-def _addr(b: bytes) -> int:
-    """Address of a bytes object's data (no copy)."""
-    v = ctypes.cast(ctypes.c_char_p(b), ctypes.c_void_p).value
-    assert v is not None
-    return v
-
-
-class _Header:
-    __slots__ = ("part_size", "nparts", "length", "version", "sums", "inline", "data_off")
-
-    def __init__(
-        self, part_size: int, nparts: int, length: int, version: int, sums: tuple[int, ...], inline: bool,
-        data_off: int,
-    ) -> None:
-        self.part_size = part_size
-        self.nparts = nparts
-        self.length = length
-        self.version = version
-        self.sums = sums
-        self.inline = inline
-        self.data_off = data_off
-
-    def part_len(self, p: int) -> int:
-        return min(self.part_size, self.length - p * self.part_size)
-
-
-def _pack_header(
-    key: bytes, length: int, part_size: int, version: int, sums: Sequence[int], inline: bool
-) -> bytes:
-    n = len(sums)
-    body = _FIXED.pack(_MAGIC, _FORMAT, _FLAG_INLINE if inline else 0, 0, part_size, n, length, version, key)
-    body += struct.pack(f"<{n}Q", *sums)
-    return body + _U64.pack(xxhash.xxh3_64_intdigest(body, _hdr_seed(key)))
-
-
-def _parse_fixed(value: bytes | memoryview, key: bytes) -> tuple[int, int, int, int, bool] | None:
-    """(part_size, nparts, length, version, inline) of a header's fixed part, or None if it is not one."""
-    if len(value) < _FIXED.size:
-        return None
-    magic, fmt, flags, _r, ps, n, length, version, k = _FIXED.unpack_from(value)
-    if magic != _MAGIC or fmt != _FORMAT or k != key or ps <= 0 or length <= 0 or n != -(-length // ps):
-        return None
-    inline = bool(flags & _FLAG_INLINE)
-    if inline and n != 1:
-        return None
-    return ps, n, length, version, inline
-
-
-def _parse_header(value: memoryview, key: bytes) -> _Header | None:
-    """The verified header of a value, or None if it is damaged, foreign or misplaced."""
-    fixed = _parse_fixed(value, key)
-    if fixed is None:
-        return None
-    ps, n, length, version, inline = fixed
-    end = _hdr_len(n) - 8
-    if len(value) < end + 8:
-        return None
-    if _U64.unpack_from(value, end)[0] != xxhash.xxh3_64_intdigest(value[:end], _hdr_seed(key)):
-        return None
-    data_off = end + 8
-    if len(value) != data_off + (length if inline else 0):
-        return None
-    sums = struct.unpack_from(f"<{n}Q", value, _FIXED.size)
-    return _Header(ps, n, length, version, sums, inline, data_off)
-
-
-def _runs(t: torch.Tensor, limit: int) -> list[tuple[int, int]] | None:
-    """(address, nbytes) of the contiguous runs of a CPU tensor, row-major; None if more than ``limit``."""
-    if t.numel() == 0:
-        return []
-    isz = t.element_size()
-    shape, strides = list(t.shape), list(t.stride())
-    inner = 1
-    d = len(shape)
-    while d > 0 and (shape[d - 1] == 1 or strides[d - 1] == inner):
-        inner *= shape[d - 1]
-        d -= 1
-    count = 1
-    for s in shape[:d]:
-        count *= s
-    if count > limit:
-        return None
-    base = t.data_ptr()
-    block = inner * isz
-    if d == 0:
-        return [(base, block)]
-    lead = strides[:d]
-    return [
-        (base + sum(i * s for i, s in zip(idx, lead)) * isz, block)
-        for idx in itertools.product(*(range(s) for s in shape[:d]))
-    ]
-
-
-class _Filler:
-    """Copies byte ranges into a caller tensor in place: memmove into its contiguous runs, or through one
-    staging buffer (many tiny runs, or device memory) and a final ``copy_``."""
-
-    __slots__ = ("dest", "staging", "starts", "runs")
-
-    def __init__(self, dest: torch.Tensor) -> None:
-        self.dest = dest
-        self.staging: torch.Tensor | None = None
-        runs = _runs(dest, _MAX_RUNS) if dest.device.type == "cpu" else None
-        if runs is None:
-            self.staging = torch.empty(nbytes_of(dest), dtype=torch.uint8)
-            runs = [(self.staging.data_ptr(), nbytes_of(dest))] if nbytes_of(dest) else []
-        self.runs = runs
-        starts = []
-        pos = 0
-        for _a, n in runs:
-            starts.append(pos)
-            pos += n
-        self.starts = starts
-
-    def put(self, pos: int, src: int, length: int) -> None:
-        """Copy ``length`` bytes at address ``src`` to bytes ``[pos, pos+length)`` of the destination."""
-        i = bisect.bisect_right(self.starts, pos) - 1
-        while length > 0:
-            addr, n = self.runs[i]
-            skip = pos - self.starts[i]
-            k = min(n - skip, length)
-            ctypes.memmove(addr + skip, src, k)
-            src += k
-            pos += k
-            length -= k
-            i += 1
-
-    def finish(self) -> None:
-        if self.staging is not None and self.staging.numel():
-            d = self.dest
-            d.copy_(self.staging.view(d.dtype).view(d.shape))
-        self.staging = None
 
 
 class _Plan:
@@ -355,7 +195,7 @@ class _Plan:
     __slots__ = ("index", "key", "name", "hdr", "offset", "nbytes", "dest", "parts", "status", "filler")
 
     def __init__(
-        self, index: int, key: bytes, name: str, hdr: _Header, offset: int, nbytes: int, dest: torch.Tensor
+        self, index: int, key: bytes, name: str, hdr: Header, offset: int, nbytes: int, dest: torch.Tensor
     ) -> None:
         self.index = index
         self.key = key
@@ -368,7 +208,7 @@ class _Plan:
             list(range(offset // hdr.part_size, (offset + nbytes - 1) // hdr.part_size + 1)) if nbytes else []
         )
         self.status = "ok"
-        self.filler: _Filler | None = None
+        self.filler: Filler | None = None
 
 
 class _Value:
@@ -418,25 +258,6 @@ class _Item:
 
 # round 1 of a read: the value (or error code) under each header name, and the buffer regions holding them
 _Fetched = tuple[dict[str, "_Value | int"], list["_Region"]]
-
-
-def _seconds(spec: BackendSpec, name: str, default: float | None, *, zero: bool = False) -> float | None:
-    if name not in spec.params:
-        return default
-    text = spec.params[name]
-    raw = text.strip().lower()
-    scale = 1.0
-    if raw.endswith("ms"):
-        raw, scale = raw[:-2], 1e-3
-    elif raw.endswith("s"):
-        raw = raw[:-1]
-    try:
-        v = float(raw) * scale
-    except ValueError:
-        raise ConfigError(f"{spec.text}: {name} must be a number of seconds, got {text!r}") from None
-    if not ((v > 0 or (zero and v == 0)) and math.isfinite(v)):
-        raise ConfigError(f"{spec.text}: {name} must be a positive number of seconds, got {text!r}")
-    return v
 
 
 def _split_hostport(text: str, default_port: int | None, what: str) -> tuple[str, int | None]:
@@ -713,10 +534,10 @@ class MooncakeBackend(Backend):
                 buffer=spec.size("buffer", _DEFAULT_BUFFER) or _DEFAULT_BUFFER,
                 protocol=spec.params.get("protocol", "tcp"),
                 device=spec.params.get("device", ""),
-                timeout=_seconds(spec, "timeout", 2.0) or 2.0,
+                timeout=seconds(spec, "timeout", 2.0) or 2.0,
                 part_size=spec.size("part_size", _DEFAULT_PART) or _DEFAULT_PART,
                 prefix=spec.params.get("prefix", "kvpool:"),
-                retry_after=_seconds(spec, "retry_after", 1.0, zero=True) or 0.0,
+                retry_after=seconds(spec, "retry_after", 1.0, zero=True) or 0.0,
                 zero_copy=spec.flag("zero_copy", True),
                 threads=spec.integer("threads", 4),
                 admin=spec.params.get("admin") or None,
@@ -1080,7 +901,7 @@ class MooncakeBackend(Backend):
                     for i, v in zip(todo, vals):
                         if v:
                             b = bytes(v)
-                            out[i] = _Value(memoryview(b), _addr(b), b)
+                            out[i] = _Value(memoryview(b), bytes_address(b), b)
                         else:
                             empty.append(i)
                     if empty:
@@ -1156,16 +977,16 @@ class MooncakeBackend(Backend):
                 res = await self._call(
                     deadline, self._store.get_into_ranges, [region.ptr], [chunk],
                     [[[j * _SLOT]] for j in range(len(chunk))], [[[0]] for _ in chunk],
-                    [[[_FIXED.size]] for _ in chunk], region=region,
+                    [[[FIXED.size]] for _ in chunk], region=region,
                 )
                 for j, nm in enumerate(chunk):
                     try:
                         c = int(res[0][j][0])
                     except (IndexError, TypeError):
                         c = -1
-                    if c == _FIXED.size:
+                    if c == FIXED.size:
                         key = bytes.fromhex(nm[len(self.prefix) :])
-                        fixed = _parse_fixed(self._view(region, j * _SLOT, _FIXED.size).mv, key)
+                        fixed = _WIRE.parse_fixed(self._view(region, j * _SLOT, FIXED.size).mv, key)
                         out.append(fixed if fixed is not None else _INVALID_PARAMS)
                     else:
                         if c >= 0:
@@ -1209,7 +1030,7 @@ class MooncakeBackend(Backend):
         end = max(offset + nbytes, 1)
         ps = self.part_size
         inline = _INLINE_OFF + end if end <= ps else 0
-        return max(inline, _hdr_len(-(-end // ps) + _SLACK_PARTS))
+        return max(inline, hdr_len(-(-end // ps) + _SLACK_PARTS))
 
     async def _read(self, reqs: Sequence[ReadRequest]) -> list[bool]:
         self._check_open()
@@ -1292,7 +1113,7 @@ class MooncakeBackend(Backend):
         by_name, regions = fetched
         plans: list[_Plan] = []
         try:
-            hdrs: dict[str, _Header | None] = {}
+            hdrs: dict[str, Header | None] = {}
             for i in idxs:
                 r, nm = reqs[i], names[i]
                 v = by_name[nm]
@@ -1300,7 +1121,7 @@ class MooncakeBackend(Backend):
                     status[i] = self._code_status(v, "absent")
                     continue
                 if nm not in hdrs:
-                    hdrs[nm] = _parse_header(v.mv, r.key)
+                    hdrs[nm] = _WIRE.parse_header(v.mv, r.key)
                 hdr = hdrs[nm]
                 if hdr is None:
                     status[i] = "corrupt"
@@ -1333,11 +1154,11 @@ class MooncakeBackend(Backend):
             assert isinstance(v, _Value)
             hdr = pl.hdr
             data = v.mv[hdr.data_off :]
-            if xxhash.xxh3_64_intdigest(data, _part_seed(pl.key, 0)) != hdr.sums[0]:
+            if xxhash.xxh3_64_intdigest(data, part_seed(pl.key, 0)) != hdr.sums[0]:
                 pl.status = "corrupt"
                 continue
             if pl.nbytes:
-                filler = _Filler(pl.dest)
+                filler = Filler(pl.dest)
                 filler.put(0, v.addr + hdr.data_off + pl.offset, pl.nbytes)
                 filler.finish()
 
@@ -1356,7 +1177,7 @@ class MooncakeBackend(Backend):
                     wlens.append(pl.hdr.part_len(p))
                 users[ident].append(pl)
             if pl.nbytes:
-                pl.filler = _Filler(pl.dest)
+                pl.filler = Filler(pl.dest)
         async def fetch(batch: list[int]) -> tuple[list[_Value | int], list[_Region]]:
             if all(pl.status != "ok" for b in batch for pl in users[want[b]]):
                 return [], []
@@ -1393,7 +1214,7 @@ class MooncakeBackend(Backend):
                 for pl in live:
                     pl.status = st
                 continue
-            if xxhash.xxh3_64_intdigest(v.mv, _part_seed(key, p)) != hdr.sums[p]:
+            if xxhash.xxh3_64_intdigest(v.mv, part_seed(key, p)) != hdr.sums[p]:
                 for pl in live:
                     pl.status = "corrupt"
                 continue
@@ -1519,7 +1340,7 @@ class MooncakeBackend(Backend):
             # 2. the headers, and the inline objects, replacing what was there (once one may be written, the
             # parts are no longer ours to remove on failure)
             written_parts = []
-            hlens = [_hdr_len(o.nparts) + (o.nbytes if o.inline else 0) for o in objs]
+            hlens = [hdr_len(o.nparts) + (o.nbytes if o.inline else 0) for o in objs]
             await self._pipeline(
                 [[objs[b] for b in batch] for batch in self._batches(hlens, self._chunk)],
                 lambda sub: self._prepare_headers(sub, deadline),
@@ -1568,7 +1389,7 @@ class MooncakeBackend(Backend):
             else:
                 mv = src.numpy().data.cast("B")
                 vals.append(mv)
-            o.sums[p] = xxhash.xxh3_64_intdigest(mv, _part_seed(o.key, p))
+            o.sums[p] = xxhash.xxh3_64_intdigest(mv, part_seed(o.key, p))
         return vals
 
     async def _prepare_parts(self, sub: list[tuple[_Item, int]], deadline: float) -> _Prepared:
@@ -1589,7 +1410,7 @@ class MooncakeBackend(Backend):
 
     async def _prepare_headers(self, objs: list[_Item], deadline: float) -> _Prepared:
         """Build a batch of header values (inline objects with their data)."""
-        lens = [_hdr_len(o.nparts) + (o.nbytes if o.inline else 0) for o in objs]
+        lens = [hdr_len(o.nparts) + (o.nbytes if o.inline else 0) for o in objs]
         names = [o.name for o in objs]
         offs = list(itertools.accumulate((_round(n) for n in lens), initial=0))
         work = sum(o.nbytes for o in objs if o.inline)
@@ -1636,11 +1457,11 @@ class MooncakeBackend(Backend):
                     a = region.start + off + _INLINE_OFF
                     self._arena[a : a + o.nbytes].copy_(o.flat)
                     o.sums[0] = xxhash.xxh3_64_intdigest(self._view(region, off + _INLINE_OFF, o.nbytes).mv,
-                                                         _part_seed(o.key, 0))
+                                                         part_seed(o.key, 0))
                 else:
                     data = o.flat.numpy().data.cast("B")
-                    o.sums[0] = xxhash.xxh3_64_intdigest(data, _part_seed(o.key, 0))
-            hdr = _pack_header(o.key, o.nbytes, self.part_size, o.version, o.sums, o.inline)
+                    o.sums[0] = xxhash.xxh3_64_intdigest(data, part_seed(o.key, 0))
+            hdr = _WIRE.pack_header(o.key, o.nbytes, self.part_size, o.version, o.sums, o.inline)
             if region is not None:
                 ctypes.memmove(region.ptr + off, hdr, len(hdr))
             else:

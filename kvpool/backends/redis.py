@@ -48,14 +48,9 @@ cheaper for redis-py than a pipeline of ``EXISTS``); a pipeline in cluster mode 
 from __future__ import annotations
 
 import asyncio
-import bisect
-import ctypes
 import errno as errno_mod
-import itertools
 import logging
-import math
 import os
-import struct
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -65,6 +60,7 @@ import torch
 import xxhash
 
 from ..errors import BackendError, ConfigError
+from ._remote_format import FIXED, Filler, Header, RemoteFormat, bytes_address, part_seed, seconds
 from .base import Backend, Capabilities, ReadRequest, nbytes_of
 
 if TYPE_CHECKING:
@@ -96,21 +92,12 @@ _MIN_PART = 4 * KiB
 _MAX_PART = 256 * MiB
 _KEY_LEN = 16
 
-_MAGIC = b"KVR1"
-_FORMAT = 1
-_FLAG_INLINE = 1
-# magic, format, flags, reserved, part_size, nparts, length, version, key
-_FIXED = struct.Struct("<4sBBHIIQQ16s")
-_U64 = struct.Struct("<Q")
-_MASK = 0xFFFFFFFFFFFFFFFF
-_GOLDEN = 0x9E3779B97F4A7C15
-_HDR_SALT = 0x6B76706F6F6C6872  # "kvpoolhr"
+# magic and header checksum salt of this tier's objects
+_WIRE = RemoteFormat(b"KVR1", 0x6B76706F6F6C6872)  # salt: "kvpoolhr"
 
 # Verification and copies of at least this many bytes run in a worker thread (xxhash and memmove release the
 # GIL), so the event loop keeps serving other requests meanwhile.
 _OFFLOAD_BYTES = 8 * MiB
-# A destination with more contiguous runs than this is filled through one staging buffer and one copy_.
-_MAX_RUNS = 4096
 # Deadline allowance for bulk transfers: timeout + bytes / this.
 _SLOW_BPS = 256 * MiB
 _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (_RConnectionError, _RTimeoutError, OSError)
@@ -121,159 +108,13 @@ _EXISTS_LUA = "local r = {} for i, k in ipairs(KEYS) do r[i] = redis.call('EXIST
 
 
 # --- pure helpers -----------------------------------------------------------------------------------------
-def _key_seed(key: bytes) -> int:
-    return int.from_bytes(key[:8], "little")
-
-
-def _part_seed(key: bytes, part: int) -> int:
-    return (_key_seed(key) + part * _GOLDEN) & _MASK
-
-
-def _hdr_seed(key: bytes) -> int:
-    return _key_seed(key) ^ _HDR_SALT
-
-
-def _addr(b: bytes) -> int:
-    """Address of a bytes object's data (no copy)."""
-    v = ctypes.cast(ctypes.c_char_p(b), ctypes.c_void_p).value
-    assert v is not None
-    return v
-
-
-class _Header:
-    __slots__ = ("part_size", "nparts", "length", "version", "sums", "inline", "data_off")
-
-    def __init__(
-        self, part_size: int, nparts: int, length: int, version: int, sums: tuple[int, ...], inline: bool,
-        data_off: int,
-    ) -> None:
-        self.part_size = part_size
-        self.nparts = nparts
-        self.length = length
-        self.version = version
-        self.sums = sums
-        self.inline = inline
-        self.data_off = data_off
-
-    def part_len(self, p: int) -> int:
-        return min(self.part_size, self.length - p * self.part_size)
-
-
-def _pack_header(
-    key: bytes, length: int, part_size: int, version: int, sums: Sequence[int], inline: bool
-) -> bytes:
-    n = len(sums)
-    body = _FIXED.pack(_MAGIC, _FORMAT, _FLAG_INLINE if inline else 0, 0, part_size, n, length, version, key)
-    body += struct.pack(f"<{n}Q", *sums)
-    return body + _U64.pack(xxhash.xxh3_64_intdigest(body, _hdr_seed(key)))
-
-
-def _parse_fixed(value: bytes, key: bytes) -> tuple[int, int, int, int, bool] | None:
-    """(part_size, nparts, length, version, inline) of a header's fixed part, or None if it is not one."""
-    if len(value) < _FIXED.size:
-        return None
-    magic, fmt, flags, _r, ps, n, length, version, k = _FIXED.unpack_from(value)
-    if magic != _MAGIC or fmt != _FORMAT or k != key or ps <= 0 or length <= 0 or n != -(-length // ps):
-        return None
-    inline = bool(flags & _FLAG_INLINE)
-    if inline and n != 1:
-        return None
-    return ps, n, length, version, inline
-
-
-def _parse_header(value: bytes, key: bytes) -> _Header | None:
-    """The verified header of a header value, or None if it is damaged, foreign or misplaced."""
-    fixed = _parse_fixed(value, key)
-    if fixed is None:
-        return None
-    ps, n, length, version, inline = fixed
-    end = _FIXED.size + 8 * n
-    if len(value) < end + 8:
-        return None
-    if _U64.unpack_from(value, end)[0] != xxhash.xxh3_64_intdigest(memoryview(value)[:end], _hdr_seed(key)):
-        return None
-    data_off = end + 8
-    if len(value) != data_off + (length if inline else 0):
-        return None
-    sums = struct.unpack_from(f"<{n}Q", value, _FIXED.size)
-    return _Header(ps, n, length, version, sums, inline, data_off)
-
-
-def _runs(t: torch.Tensor, limit: int) -> list[tuple[int, int]] | None:
-    """(address, nbytes) of the contiguous runs of a CPU tensor, row-major; None if more than ``limit``."""
-    if t.numel() == 0:
-        return []
-    isz = t.element_size()
-    shape, strides = list(t.shape), list(t.stride())
-    inner = 1
-    d = len(shape)
-    while d > 0 and (shape[d - 1] == 1 or strides[d - 1] == inner):
-        inner *= shape[d - 1]
-        d -= 1
-    count = 1
-    for s in shape[:d]:
-        count *= s
-    if count > limit:
-        return None
-    base = t.data_ptr()
-    block = inner * isz
-    if d == 0:
-        return [(base, block)]
-    lead = strides[:d]
-    return [
-        (base + sum(i * s for i, s in zip(idx, lead)) * isz, block)
-        for idx in itertools.product(*(range(s) for s in shape[:d]))
-    ]
-
-
-class _Filler:
-    """Copies byte ranges into a caller tensor in place: memmove into its contiguous runs, or through one
-    staging buffer (many tiny runs, or device memory) and a final ``copy_``."""
-
-    __slots__ = ("dest", "staging", "starts", "runs")
-
-    def __init__(self, dest: torch.Tensor) -> None:
-        self.dest = dest
-        self.staging: torch.Tensor | None = None
-        runs = _runs(dest, _MAX_RUNS) if dest.device.type == "cpu" else None
-        if runs is None:
-            self.staging = torch.empty(nbytes_of(dest), dtype=torch.uint8)
-            runs = [(self.staging.data_ptr(), nbytes_of(dest))] if nbytes_of(dest) else []
-        self.runs = runs
-        starts = []
-        pos = 0
-        for _a, n in runs:
-            starts.append(pos)
-            pos += n
-        self.starts = starts
-
-    def put(self, pos: int, src: int, length: int) -> None:
-        """Copy ``length`` bytes at address ``src`` to bytes ``[pos, pos+length)`` of the destination."""
-        i = bisect.bisect_right(self.starts, pos) - 1
-        while length > 0:
-            addr, n = self.runs[i]
-            skip = pos - self.starts[i]
-            k = min(n - skip, length)
-            ctypes.memmove(addr + skip, src, k)
-            src += k
-            pos += k
-            length -= k
-            i += 1
-
-    def finish(self) -> None:
-        if self.staging is not None and self.staging.numel():
-            d = self.dest
-            d.copy_(self.staging.view(d.dtype).view(d.shape))
-        self.staging = None
-
-
 class _Plan:
     """One range read whose header was found: what to verify and copy once the parts are here."""
 
     __slots__ = ("index", "key", "hdr", "value", "offset", "nbytes", "dest", "parts")
 
     def __init__(
-        self, index: int, key: bytes, hdr: _Header, value: bytes, offset: int, nbytes: int, dest: torch.Tensor
+        self, index: int, key: bytes, hdr: Header, value: bytes, offset: int, nbytes: int, dest: torch.Tensor
     ) -> None:
         self.index = index
         self.key = key
@@ -301,25 +142,6 @@ class _Encoded:
         self.parts = parts  # empty when inline
         self.nbytes = nbytes
         self.keep = keep  # the CPU tensor the part views point into
-
-
-def _seconds(spec: BackendSpec, name: str, default: float | None, *, zero: bool = False) -> float | None:
-    if name not in spec.params:
-        return default
-    text = spec.params[name]
-    raw = text.strip().lower()
-    scale = 1.0
-    if raw.endswith("ms"):
-        raw, scale = raw[:-2], 1e-3
-    elif raw.endswith("s"):
-        raw = raw[:-1]
-    try:
-        v = float(raw) * scale
-    except ValueError:
-        raise ConfigError(f"{spec.text}: {name} must be a number of seconds, got {text!r}") from None
-    if not ((v > 0 or (zero and v == 0)) and math.isfinite(v)):
-        raise ConfigError(f"{spec.text}: {name} must be a positive number of seconds, got {text!r}")
-    return v
 
 
 def _escape_glob(s: str) -> str:
@@ -439,11 +261,11 @@ class RedisBackend(Backend):
             return cls(
                 url,
                 cluster=cluster,
-                timeout=_seconds(spec, "timeout", 2.0) or 2.0,
+                timeout=seconds(spec, "timeout", 2.0) or 2.0,
                 part_size=spec.size("part_size", _DEFAULT_PART) or _DEFAULT_PART,
                 prefix=spec.params.get("prefix", "kvpool:"),
-                ttl=_seconds(spec, "ttl", None),
-                retry_after=_seconds(spec, "retry_after", 1.0, zero=True) or 0.0,
+                ttl=seconds(spec, "ttl", None),
+                retry_after=seconds(spec, "retry_after", 1.0, zero=True) or 0.0,
                 max_connections=spec.integer("max_connections", 64),
             )
         except ConfigError as exc:
@@ -548,11 +370,11 @@ class RedisBackend(Backend):
             return None
         try:
             async with asyncio.timeout(self.timeout):
-                raw = await self._client.getrange(name, 0, _FIXED.size - 1)
+                raw = await self._client.getrange(name, 0, FIXED.size - 1)
         except (TimeoutError, _RedisError, OSError) as exc:
             self._failed(exc)
             return None
-        fixed = _parse_fixed(raw, key) if raw else None
+        fixed = _WIRE.parse_fixed(raw, key) if raw else None
         return fixed[2] if fixed else None
 
     # --- reads -------------------------------------------------------------------------------------------
@@ -593,14 +415,14 @@ class RedisBackend(Backend):
                         pipe.get(nm)
                     values = await pipe.execute()
                 by_name = dict(zip(uniq, values))
-                hdrs: dict[str, _Header | None] = {}
+                hdrs: dict[str, Header | None] = {}
                 for i, r in enumerate(reqs):
                     value = by_name[names[i]]
                     if value is None:
                         self.counters["absent"] += 1
                         continue
                     if names[i] not in hdrs:
-                        hdrs[names[i]] = _parse_header(value, r.key)
+                        hdrs[names[i]] = _WIRE.parse_header(value, r.key)
                     hdr = hdrs[names[i]]
                     if hdr is None:
                         self.counters["corrupt"] += 1
@@ -673,17 +495,17 @@ class RedisBackend(Backend):
                 ident = (pl.key, hdr.version, p)
                 if hdr.inline:
                     data: bytes | memoryview = memoryview(pl.value)[hdr.data_off :]
-                    base = _addr(pl.value) + hdr.data_off
+                    base = bytes_address(pl.value) + hdr.data_off
                 else:
                     part = fetched.get(ident)
                     if part is None:
                         st = "missing_parts"
                         break
-                    data, base = part, _addr(part)
+                    data, base = part, bytes_address(part)
                 ok = verified.get(ident)
                 if ok is None:
                     ok = len(data) == hdr.part_len(p) and xxhash.xxh3_64_intdigest(
-                        data, _part_seed(pl.key, p)
+                        data, part_seed(pl.key, p)
                     ) == hdr.sums[p]
                     verified[ident] = ok
                 if not ok:
@@ -691,7 +513,7 @@ class RedisBackend(Backend):
                     break
                 srcs.append((p, base))
             if st == "ok" and pl.nbytes:
-                filler = _Filler(pl.dest)
+                filler = Filler(pl.dest)
                 lo, hi = pl.offset, pl.offset + pl.nbytes
                 for p, base in srcs:
                     p0 = p * hdr.part_size
@@ -777,10 +599,10 @@ class RedisBackend(Backend):
         ps = self.part_size
         nparts = -(-n // ps)
         views = [mv[p * ps : min(n, (p + 1) * ps)] for p in range(nparts)]
-        sums = [xxhash.xxh3_64_intdigest(v, _part_seed(key, p)) for p, v in enumerate(views)]
+        sums = [xxhash.xxh3_64_intdigest(v, part_seed(key, p)) for p, v in enumerate(views)]
         version = int.from_bytes(os.urandom(8), "little")
         inline = nparts == 1
-        header = _pack_header(key, n, ps, version, sums, inline)
+        header = _WIRE.pack_header(key, n, ps, version, sums, inline)
         if inline:
             return _Encoded(key, name, version, header + views[0], [], n, None)
         return _Encoded(key, name, version, header, views, n, t)
@@ -791,7 +613,7 @@ class RedisBackend(Backend):
     def _queue_write(self, pipe: Any, e: _Encoded) -> int:
         """Queue one object's write on ``pipe``; return the number of replies it adds (the first is the old
         header's fixed part)."""
-        pipe.getrange(e.name, 0, _FIXED.size - 1)
+        pipe.getrange(e.name, 0, FIXED.size - 1)
         for p, v in enumerate(e.parts):
             pipe.set(self._part_name(e.name, e.version, p), v, px=self._ttl_ms)
         pipe.set(e.name, e.header, px=self._ttl_ms)
@@ -859,7 +681,7 @@ class RedisBackend(Backend):
         never read, and the server's LRU reclaims it first)."""
         names: list[str] = []
         for e, old in pairs:
-            fixed = _parse_fixed(old, e.key) if old else None
+            fixed = _WIRE.parse_fixed(old, e.key) if old else None
             if fixed is None:
                 continue
             _ps, n, _len, version, inline = fixed
@@ -886,10 +708,10 @@ class RedisBackend(Backend):
         try:
             async with asyncio.timeout(self.timeout):
                 pipe = self._tx_pipeline()
-                pipe.getrange(name, 0, _FIXED.size - 1)
+                pipe.getrange(name, 0, FIXED.size - 1)
                 pipe.delete(name)
                 old, count = await pipe.execute()
-                fixed = _parse_fixed(old, key) if old else None
+                fixed = _WIRE.parse_fixed(old, key) if old else None
                 if fixed is not None and not fixed[4]:
                     await self._client.unlink(*(self._part_name(name, fixed[3], p) for p in range(fixed[1])))
         except (TimeoutError, _RedisError, OSError) as exc:

@@ -19,7 +19,6 @@ import asyncio
 import ctypes
 import errno as errno_mod
 import fcntl
-import itertools
 import logging
 import os
 import random
@@ -33,7 +32,7 @@ import xxhash
 from ..allocator import ExtentAllocator
 from ..errors import BackendError, CapacityError, ConfigError, PoolLockedError
 from ..eviction import EvictionPolicy, make_policy
-from ..buffers import aligned_empty, alloc_aligned, buffer_address
+from ..buffers import aligned_empty, alloc_aligned, buffer_address, tensor_runs
 from ..uring_engine import OP_FSYNC, OP_READ, OP_WRITE, UringEngine
 from . import _uring_format as fmt
 from .base import Backend, Capabilities, ReadRequest, nbytes_of
@@ -52,29 +51,6 @@ _IOV_MAX = 512  # iovecs per SQE (the kernel's limit is 1024)
 _MAX_IO = 8 << 20  # upper bound of one request; lowered to the device's max_sectors_kb at open
 _LOCK_WAIT_S = 2.0
 _OFFLOAD_BYTES = 4 << 20  # verify/copy at least this much off the event loop  # split larger ranges so the device sees many requests in parallel
-
-
-def _runs(t: torch.Tensor) -> list[tuple[int, int]]:
-    """(address, nbytes) of the contiguous runs of a CPU tensor, in row-major order."""
-    if t.numel() == 0:
-        return []
-    isz = t.element_size()
-    shape, strides = list(t.shape), list(t.stride())
-    # merge trailing dims while they are contiguous
-    inner = 1
-    d = len(shape)
-    while d > 0 and (shape[d - 1] == 1 or strides[d - 1] == inner):
-        inner *= shape[d - 1]
-        d -= 1
-    base = t.data_ptr()
-    block = inner * isz
-    if d == 0:
-        return [(base, block)]
-    out = []
-    for idx in itertools.product(*(range(s) for s in shape[:d])):
-        off = sum(i * s for i, s in zip(idx, strides[:d])) * isz
-        out.append((base + off, block))
-    return out
 
 
 def _mem(addr: int, n: int) -> memoryview:
@@ -710,7 +686,7 @@ class UringBackend(Backend):
                     src = src.cpu()
                 n = nbytes_of(src)
                 ps = fmt.part_size_for(n)
-                runs = _runs(src)
+                runs = tensor_runs(src)
                 keep.append(src)
                 sums = _checksums(runs, key, n, ps)
                 self._seq += 1
@@ -819,7 +795,7 @@ class UringBackend(Backend):
             return span
         e = self._index[r.key]
         r0 = (r.offset // e.part_size) * e.part_size
-        if r0 == r.offset and span == nbytes_of(r.dest) and self._aligned(_runs(r.dest)):
+        if r0 == r.offset and span == nbytes_of(r.dest) and self._aligned(tensor_runs(r.dest)):
             return 0
         return span
 
@@ -867,7 +843,7 @@ class UringBackend(Backend):
                 span = fmt.align_up(r1) - r0
                 file_off = self._geo.d_off + e.offset + r0
                 dest = r.dest
-                runs = _runs(dest) if dest.device.type == "cpu" else []
+                runs = tensor_runs(dest) if dest.device.type == "cpu" else []
                 if dest.device.type == "cpu" and r0 == r.offset and span == n and self._aligned(runs):
                     plans.append((i, e, r0, r1, runs, None, dest))
                     for op in self._iov_ops(OP_READ, runs, file_off):
