@@ -12,16 +12,17 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import CapacityError, ConfigError
+from ..errors import ConfigError
 from ..eviction import EvictionPolicy, make_policy
 from ..allocator import ExtentAllocator
 from ..buffers import HUGE_PAGE, alloc_aligned, buffer_address
-from .base import Backend, Capabilities, ReadRequest, nbytes_of
+from ._arena import ArenaTier, Extent
+from .base import Capabilities, ReadRequest, nbytes_of
 
 if TYPE_CHECKING:
     from typing import Self
@@ -52,22 +53,12 @@ _OFFLOAD_BYTES = 4 << 20
 _ALIGN = 4096
 
 
-class _Extent:
-    __slots__ = ("start", "nbytes", "pins", "dead")
-
-    def __init__(self, start: int, nbytes: int) -> None:
-        self.start = start
-        self.nbytes = nbytes
-        self.pins = 0
-        self.dead = False
-
-
 def _viewed(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``flat`` (uint8, contiguous) reinterpreted with ``like``'s dtype and shape."""
     return flat.view(like.dtype).view(like.shape)
 
 
-class DRAMBackend(Backend):
+class DRAMBackend(ArenaTier):
     """Host-memory tier.
 
     Parameters
@@ -103,7 +94,6 @@ class DRAMBackend(Backend):
         self.policy = make_policy(policy) if isinstance(policy, str) else policy
         self._arena: torch.Tensor | None = None
         self._alloc = ExtentAllocator(capacity, _ALIGN)
-        self._index: dict[bytes, _Extent] = {}
         self.pinned_memory = False
         self.counters = {"hits": 0, "misses": 0, "evictions": 0, "bytes_read": 0, "bytes_written": 0}
 
@@ -142,62 +132,9 @@ class DRAMBackend(Backend):
         if self._mapping is not None and self.pinned_memory and self._arena is not None:
             torch.cuda.cudart().cudaHostUnregister(self._arena.data_ptr())  # type: ignore[no-untyped-call]
         self._mapping = None
-        self._index.clear()
-        self._alloc = ExtentAllocator(self._capacity, _ALIGN)
+        self._reset()
         self.policy = type(self.policy)()
         self._arena = None
-
-    # --- sizes -------------------------------------------------------------------------------------------
-    @property
-    def capacity(self) -> int:
-        return self._capacity
-
-    @property
-    def used_bytes(self) -> int:
-        return self._alloc.used
-
-    async def object_size(self, key: bytes) -> int | None:
-        ext = self._index.get(key)
-        return ext.nbytes if ext is not None else None
-
-    def __len__(self) -> int:
-        return len(self._index)
-
-    # --- internals ---------------------------------------------------------------------------------------
-    def _release(self, ext: _Extent) -> None:
-        ext.dead = True
-        if ext.pins == 0:
-            self._alloc.free(ext.start, ext.nbytes)
-
-    def _unpin(self, ext: _Extent) -> None:
-        ext.pins -= 1
-        if ext.dead and ext.pins == 0:
-            self._alloc.free(ext.start, ext.nbytes)
-
-    def _allocate(self, nbytes: int) -> int:
-        if self._alloc.round(nbytes) > self._alloc.capacity:
-            raise CapacityError(f"an object of {nbytes} bytes cannot fit in dram:// of {self._capacity} bytes")
-        while True:
-            start = self._alloc.alloc(nbytes)
-            if start is not None:
-                return start
-            victim = next((k for k in self.policy.candidates() if self._index[k].pins == 0), None)
-            if victim is None:
-                raise CapacityError(
-                    f"dram:// is full: {nbytes} bytes needed, {self._alloc.free_bytes} free and every "
-                    f"object is in use"
-                )
-            self._evict(victim)
-
-    def _evict(self, key: bytes) -> None:
-        ext = self._index.pop(key)
-        self.policy.remove(key)
-        self._release(ext)
-        self.counters["evictions"] += 1
-
-    def _slice(self, start: int, nbytes: int) -> torch.Tensor:
-        assert self._arena is not None
-        return self._arena[start : start + nbytes]
 
     # --- the core ----------------------------------------------------------------------------------------
     async def write(self, key: bytes, src: torch.Tensor) -> None:
@@ -206,7 +143,7 @@ class DRAMBackend(Backend):
         if n == 0:
             raise ValueError("cannot store an empty object")
         start = self._allocate(n)
-        ext = _Extent(start, n)
+        ext = Extent(start, n)
         ext.pins = 1  # not yet visible, but an eviction must not hand it out while we copy
         try:
             dst = _viewed(self._slice(start, n), src)
@@ -252,19 +189,6 @@ class DRAMBackend(Backend):
         self.counters["bytes_read"] += n
         return True
 
-    async def delete(self, key: bytes) -> bool:
-        self._check_open()
-        ext = self._index.pop(key, None)
-        if ext is None:
-            return False
-        self.policy.remove(key)
-        self._release(ext)
-        return True
-
-    async def contains(self, key: bytes) -> bool:
-        self._check_open()
-        return key in self._index
-
     async def write_many(self, items: Sequence[tuple[bytes, torch.Tensor]]) -> None:
         # Small copies are cheaper inline than as tasks; large ones overlap in worker threads.
         if len(items) > 1 and any(nbytes_of(s) >= _OFFLOAD_BYTES for _, s in items):
@@ -278,21 +202,5 @@ class DRAMBackend(Backend):
             return await super().read_many(requests)
         return [await self.read_into(r.key, r.dest, r.offset) for r in requests]
 
-    async def contains_many(self, keys: Any) -> list[bool]:
-        self._check_open()
-        index = self._index
-        return [k in index for k in keys]
-
-    async def keys(self) -> AsyncIterator[bytes]:
-        self._check_open()
-        for k in list(self._index):
-            yield k
-
     def stats(self) -> dict[str, Any]:
-        return {
-            **super().stats(),
-            "objects": len(self._index),
-            "pinned_memory": self.pinned_memory,
-            "policy": self.policy.name,
-            **self.counters,
-        }
+        return {**super().stats(), "pinned_memory": self.pinned_memory}

@@ -22,16 +22,17 @@ suite does this). Not for production use: that is what ``dram://`` is for.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..allocator import ExtentAllocator
-from ..errors import CapacityError, ConfigError
+from ..errors import ConfigError
 from ..eviction import EvictionPolicy, make_policy
 from ..paged import await_cuda_event
-from .base import Backend, Capabilities, ReadRequest, nbytes_of
+from ._arena import ArenaTier, Extent
+from .base import Capabilities, ReadRequest, nbytes_of
 
 if TYPE_CHECKING:
     from typing import Self
@@ -48,22 +49,12 @@ _OFFLOAD_BYTES = 4 << 20
 _cuda: Any = torch.cuda  # torch.cuda's Stream/Event constructors are untyped
 
 
-class _Extent:
-    __slots__ = ("dead", "nbytes", "pins", "start")
-
-    def __init__(self, start: int, nbytes: int) -> None:
-        self.start = start
-        self.nbytes = nbytes
-        self.pins = 0
-        self.dead = False
-
-
 def _viewed(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``flat`` (uint8, contiguous) reinterpreted with ``like``'s dtype and shape."""
     return flat.view(like.dtype).view(like.shape)
 
 
-class GPUBackend(Backend):
+class GPUBackend(ArenaTier):
     """GPU-memory tier.
 
     Parameters
@@ -104,7 +95,6 @@ class GPUBackend(Backend):
         self._arena: torch.Tensor | None = None
         self._stream: Any = None
         self._alloc = ExtentAllocator(capacity, _ALIGN)
-        self._index: dict[bytes, _Extent] = {}
         self.counters = {"hits": 0, "misses": 0, "evictions": 0, "bytes_read": 0, "bytes_written": 0}
 
     @classmethod
@@ -152,63 +142,11 @@ class GPUBackend(Backend):
     async def _close(self) -> None:
         if self._stream is not None:
             await await_cuda_event(self._record())  # nothing of ours in flight when the arena goes
-        self._index.clear()
-        self._alloc = ExtentAllocator(self._capacity, _ALIGN)
+        self._reset()
         self.policy = make_policy(self._policy_arg) if isinstance(self._policy_arg, str) else type(self.policy)()
         self._arena = None  # returns to torch's caching allocator (torch.cuda.empty_cache() gives it back)
         self._stream = None
 
-    # --- sizes -------------------------------------------------------------------------------------------
-    @property
-    def capacity(self) -> int:
-        return self._capacity
-
-    @property
-    def used_bytes(self) -> int:
-        return self._alloc.used
-
-    async def object_size(self, key: bytes) -> int | None:
-        ext = self._index.get(key)
-        return ext.nbytes if ext is not None else None
-
-    def __len__(self) -> int:
-        return len(self._index)
-
-    # --- internals ---------------------------------------------------------------------------------------
-    def _release(self, ext: _Extent) -> None:
-        ext.dead = True
-        if ext.pins == 0:
-            self._alloc.free(ext.start, ext.nbytes)
-
-    def _unpin(self, ext: _Extent) -> None:
-        ext.pins -= 1
-        if ext.dead and ext.pins == 0:
-            self._alloc.free(ext.start, ext.nbytes)
-
-    def _allocate(self, nbytes: int) -> int:
-        if self._alloc.round(nbytes) > self._alloc.capacity:
-            raise CapacityError(f"an object of {nbytes} bytes cannot fit in gpu:// of {self._capacity} bytes")
-        while True:
-            start = self._alloc.alloc(nbytes)
-            if start is not None:
-                return start
-            victim = next((k for k in self.policy.candidates() if self._index[k].pins == 0), None)
-            if victim is None:
-                raise CapacityError(
-                    f"gpu:// is full: {nbytes} bytes needed, {self._alloc.free_bytes} free and every "
-                    f"object is in use"
-                )
-            self._evict(victim)
-
-    def _evict(self, key: bytes) -> None:
-        ext = self._index.pop(key)
-        self.policy.remove(key)
-        self._release(ext)
-        self.counters["evictions"] += 1
-
-    def _slice(self, start: int, nbytes: int) -> torch.Tensor:
-        assert self._arena is not None
-        return self._arena[start : start + nbytes]
 
     def _record(self) -> Any:
         ev = _cuda.Event()
@@ -251,7 +189,7 @@ class GPUBackend(Backend):
         if n == 0:
             raise ValueError("cannot store an empty object")
         start = self._allocate(n)
-        ext = _Extent(start, n)
+        ext = Extent(start, n)
         ext.pins = 1  # not yet visible, but an eviction must not hand it out while we copy
         try:
             await self._copy(_viewed(self._slice(start, n), src), src, src, n)
@@ -293,19 +231,6 @@ class GPUBackend(Backend):
         self.counters["bytes_read"] += n
         return True
 
-    async def delete(self, key: bytes) -> bool:
-        self._check_open()
-        ext = self._index.pop(key, None)
-        if ext is None:
-            return False
-        self.policy.remove(key)
-        self._release(ext)
-        return True
-
-    async def contains(self, key: bytes) -> bool:
-        self._check_open()
-        return key in self._index
-
     async def write_many(self, items: Sequence[tuple[bytes, torch.Tensor]]) -> None:
         if self._cuda and len(items) > 1:
             await super().write_many(items)  # copies overlap on the stream; each waits for its own event
@@ -318,21 +243,5 @@ class GPUBackend(Backend):
             return await super().read_many(requests)
         return [await self.read_into(r.key, r.dest, r.offset) for r in requests]
 
-    async def contains_many(self, keys: Any) -> list[bool]:
-        self._check_open()
-        index = self._index
-        return [k in index for k in keys]
-
-    async def keys(self) -> AsyncIterator[bytes]:
-        self._check_open()
-        for k in list(self._index):
-            yield k
-
     def stats(self) -> dict[str, Any]:
-        return {
-            **super().stats(),
-            "device": str(self._torch_device),
-            "objects": len(self._index),
-            "policy": self.policy.name,
-            **self.counters,
-        }
+        return {**super().stats(), "device": str(self._torch_device)}
