@@ -13,7 +13,7 @@ import torch
 from ..allocator import ExtentAllocator
 from ..errors import CapacityError
 from ..eviction import EvictionPolicy
-from .base import Backend
+from .base import Backend, nbytes_of
 
 __all__ = ["ArenaTier", "Extent"]
 
@@ -101,6 +101,31 @@ class ArenaTier(Backend):
     def _slice(self, start: int, nbytes: int) -> torch.Tensor:
         assert self._arena is not None
         return self._arena[start : start + nbytes]
+
+    def _publish(self, key: bytes, ext: Extent) -> None:
+        """Make a freshly copied extent the object under ``key`` (replacing, and releasing, any old one)."""
+        ext.pins = 0
+        old = self._index.get(key)
+        if old is not None:
+            self.policy.remove(key)
+            self._release(old)
+        self._index[key] = ext
+        self.policy.insert(key, ext.nbytes)
+        self.counters["bytes_written"] += ext.nbytes
+
+    def _lookup(self, key: bytes, dest: torch.Tensor, offset: int) -> Extent | None:
+        """The extent a range read of ``dest``'s size at ``offset`` will copy from; ``None`` (a counted miss)
+        if absent. Raises ``ValueError`` for a range outside the object or an offset not on an element."""
+        ext = self._index.get(key)
+        if ext is None:
+            self.counters["misses"] += 1
+            return None
+        n = nbytes_of(dest)
+        if offset < 0 or offset + n > ext.nbytes:
+            raise ValueError(f"range [{offset}, {offset + n}) is outside an object of {ext.nbytes} bytes")
+        if offset % dest.element_size():
+            raise ValueError(f"offset {offset} is not a multiple of the destination's itemsize")
+        return ext
 
     def _reset(self) -> None:
         """Forget every object (on close: the arena's contents do not outlive it)."""

@@ -197,26 +197,14 @@ class GPUBackend(ArenaTier):
             ext.dead = True
             self._unpin(ext)
             raise
-        ext.pins = 0
-        old = self._index.get(key)
-        if old is not None:
-            self.policy.remove(key)
-            self._release(old)
-        self._index[key] = ext
-        self.policy.insert(key, n)
-        self.counters["bytes_written"] += n
+        self._publish(key, ext)
 
     async def read_into(self, key: bytes, dest: torch.Tensor, offset: int = 0) -> bool:
         self._check_open()
-        ext = self._index.get(key)
+        ext = self._lookup(key, dest, offset)
         if ext is None:
-            self.counters["misses"] += 1
             return False
         n = nbytes_of(dest)
-        if offset < 0 or offset + n > ext.nbytes:
-            raise ValueError(f"range [{offset}, {offset + n}) is outside an object of {ext.nbytes} bytes")
-        if offset % dest.element_size():
-            raise ValueError(f"offset {offset} is not a multiple of the destination's itemsize")
         if n == 0:
             return True
         src = _viewed(self._slice(ext.start + offset, n), dest)
