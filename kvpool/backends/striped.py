@@ -53,7 +53,7 @@ import torch
 import xxhash
 
 from ..buffers import aligned_empty
-from ..errors import BackendError, CapacityError, ConfigError, PoolClosedError
+from ..errors import BackendError, CapacityError, ConfigError
 from ..placement import BandwidthProbe, makespan, split_by_weight
 from .base import Backend, Capabilities, ReadRequest, nbytes_of
 
