@@ -27,6 +27,7 @@ from .layout import KVLayout
 from .paged import LayerEvents, PagedKV
 from .pool import KVPool
 from .registry import get_backend_class, known_backends, register_backend, registry
+from .sync import SyncPool
 
 __version__ = "0.1.0"
 
@@ -48,6 +49,7 @@ __all__ = [
     "PoolLockedError",
     "ReadRequest",
     "RestoreError",
+    "SyncPool",
     "UnknownBackendError",
     "get_backend_class",
     "known_backends",
