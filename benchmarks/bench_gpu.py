@@ -49,7 +49,9 @@ sys.path.insert(0, str(HERE.parent))  # measure the checkout this file lives in
 from _util import save
 
 import kvpool
-from kvpool.paged import LayerEvents, PagedKV, restore_paged, restore_stream
+from kvpool.cuda.events import LayerEvents, restore_stream
+from kvpool.cuda.paged_kv import PagedKV
+from kvpool.pool.paged import restore_paged
 
 L, H, D, DT, CT, BS = 32, 8, 128, torch.float16, 256, 16
 BLOCK_COUNTS = (16, 256, 4096)

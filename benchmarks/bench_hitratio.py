@@ -48,7 +48,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import save
 
-from kvpool.eviction import EvictionPolicy, make_policy
+from kvpool.storage.eviction import EvictionPolicy, make_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 # 8B-class layout: 32 layers x 8 KV heads x 128 x (K, V) x fp16 x 256 tokens

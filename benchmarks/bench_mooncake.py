@@ -41,7 +41,7 @@ from _util import save  # noqa: E402
 import mooncake  # noqa: E402
 from mooncake.store import MooncakeDistributedStore  # noqa: E402
 
-from kvpool.backends.mooncake import MooncakeBackend  # noqa: E402
+from kvpool.remote.mooncake import MooncakeBackend  # noqa: E402
 
 MiB = 1 << 20
 

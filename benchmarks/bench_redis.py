@@ -34,7 +34,7 @@ from _util import save  # noqa: E402
 
 import redis.asyncio as aredis  # noqa: E402
 
-from kvpool.backends.redis import RedisBackend  # noqa: E402
+from kvpool.remote.redis import RedisBackend  # noqa: E402
 
 MiB = 1 << 20
 

@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import save  # noqa: E402
 
 import kvpool  # noqa: E402
-from kvpool.buffers import aligned_empty  # noqa: E402
-from kvpool.scheduler import Priority, io_class  # noqa: E402
+from kvpool.storage.buffers import aligned_empty  # noqa: E402
+from kvpool.pool.scheduler import Priority, io_class  # noqa: E402
 
 WRITERS = 8
 

@@ -58,7 +58,7 @@ sys.path.insert(0, str(REPO))  # measure the checkout this file lives in, whatev
 from _util import save
 
 import kvpool
-from kvpool.backends.base import ReadRequest
+from kvpool.storage.backend import ReadRequest
 
 GB = 1e9
 MiB = 1 << 20

@@ -174,7 +174,7 @@ async def measure_mode(name: str, devs: list[str], weights: list[float] | None, 
                        kv: Any, tokens: list[list[int]], max_io: int | None) -> dict[str, Any]:
     """One placement on freshly formatted devices; ``max_io`` caps uring's request size (its module constant,
     set for this run only; ``None``: uring's default)."""
-    import kvpool.backends.uring as uring_mod
+    import kvpool.ssd.store as uring_mod
 
     for d in devs:
         wipe(d)
@@ -193,11 +193,11 @@ async def _measure_mode(name: str, devs: list[str], weights: list[float] | None,
     import torch
 
     from kvpool import KVLayout, KVPool
-    from kvpool.backends.base import ReadRequest
-    from kvpool.backends.striped import StripedBackend
-    from kvpool.backends.uring import UringBackend
-    from kvpool.buffers import aligned_empty
-    from kvpool.placement import BandwidthProbe
+    from kvpool.storage.backend import ReadRequest
+    from kvpool.striped.backend import StripedBackend
+    from kvpool.ssd.store import UringBackend
+    from kvpool.storage.buffers import aligned_empty
+    from kvpool.striped.placement import BandwidthProbe
 
     layout = KVLayout(num_layers=32, num_kv_heads=8, head_dim=128, dtype=torch.float16, chunk_tokens=256)
     # a fresh probe cache per run: the weights are measured here, inside the throttled cgroup
@@ -259,7 +259,7 @@ async def _measure_mode(name: str, devs: list[str], weights: list[float] | None,
 async def inner_async(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from kvpool.buffers import aligned_empty
+    from kvpool.storage.buffers import aligned_empty
 
     devs = args.devs.split(",")
     res: dict[str, Any] = {"devices": [{"path": d, "throttle_MBps": r} for d, r in zip(devs, RATES)]}

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from kvpool import Backend, BackendSpec, Capabilities
-from kvpool.backends.base import nbytes_of
+from kvpool.storage.backend import nbytes_of
 
 
 class FileDirBackend(Backend):

@@ -10,7 +10,7 @@ Public names live here and only here::
         kv = await pool.get(tokens)
 """
 
-from .backends.base import Backend, Capabilities, ReadRequest
+from .storage.backend import Backend, Capabilities, ReadRequest
 from .config import BackendSpec, PoolConfig
 from .errors import (
     BackendError,
@@ -24,9 +24,11 @@ from .errors import (
     UnknownBackendError,
 )
 from .layout import KVLayout
-from .paged import LayerEvents, PagedKV
+from .cuda.events import LayerEvents
+from .cuda.paged_kv import PagedKV
 from .pool import KVPool
-from .registry import get_backend_class, known_backends, register_backend, registry
+from .pool.paged import restore_paged
+from .storage.registry import get_backend_class, known_backends, register_backend, registry
 from .sync import SyncPool
 
 __version__ = "0.1.0"
@@ -55,4 +57,5 @@ __all__ = [
     "known_backends",
     "register_backend",
     "registry",
+    "restore_paged",
 ]

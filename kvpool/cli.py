@@ -18,11 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .backends.base import ReadRequest
-from .backends.uring import UringBackend
-from .buffers import aligned_empty
+from .storage.backend import ReadRequest
+from .ssd.store import UringBackend
+from .storage.buffers import aligned_empty
 from .layout import KVLayout
-from .pool import KVPool
+from .pool.facade import KVPool
 from .units import format_size, parse_size
 
 _LAYOUTS = {

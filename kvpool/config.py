@@ -127,7 +127,7 @@ class PoolConfig:
         Copy what a restore found in a lower tier into the tiers above it.
     io_max_inflight, io_max_inflight_bytes, io_background_inflight, io_op_bytes
         Per-tier I/O scheduler: operations and bytes in flight, how many of them may be background work (prefetch,
-        promotion, write-back), and the size batches are cut into (see :mod:`kvpool.scheduler`).
+        promotion, write-back), and the size batches are cut into (see :mod:`kvpool.pool.scheduler`).
     result_cache_bytes
         Memory kept for the tensors :meth:`KVPool.get` and :meth:`KVPool.stream` return, reused once the caller
         drops them (fresh memory costs the kernel more than an SSD read of it); 0 disables.

@@ -18,7 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from .pool import KVPool
+    from .pool.facade import KVPool
 
 __all__ = ["PoolCollector"]
 

@@ -19,7 +19,7 @@ import torch
 
 from .errors import PoolClosedError
 from .layout import KVLayout
-from .pool import KVPool
+from .pool.facade import KVPool
 
 __all__ = ["SyncPool"]
 
@@ -103,7 +103,7 @@ class SyncPool:
     @classmethod
     def from_config(cls, source: Any, **overrides: Any) -> SyncPool:
         """Open a pool from a config file or mapping; see :meth:`KVPool.from_config`."""
-        return cls._start(lambda: KVPool.from_config(source, **overrides))
+        return cls._start(lambda: KVPool.from_config(source, **overrides))  # type: ignore[attr-defined]
 
     # --- plumbing ----------------------------------------------------------------------------------------
     @property

@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from kvpool.backends.uring import UringBackend
+from kvpool.ssd.store import UringBackend
 
 
 def key_of(i: int) -> bytes:

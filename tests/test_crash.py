@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvpool.backends.uring import UringBackend
+from kvpool.ssd.store import UringBackend
 
 sys.path.insert(0, str(Path(__file__).parent))
 from crash_writer import data_of, key_of  # noqa: E402

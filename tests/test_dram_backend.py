@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kvpool import CapacityError, ConfigError
-from kvpool.backends.dram import DRAMBackend
+from kvpool.memory.dram import DRAMBackend
 from kvpool.config import BackendSpec
 from kvpool.testing import BackendTests
 from kvpool.testing.backend_tests import rand_bytes, rand_key

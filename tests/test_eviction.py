@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvpool import ConfigError
-from kvpool.backends.dram import DRAMBackend
-from kvpool.eviction import (
+from kvpool.memory.dram import DRAMBackend
+from kvpool.storage.eviction import (
     POLICIES,
     AttentionAwarePolicy,
     EvictionPolicy,

@@ -1,4 +1,4 @@
-"""gpu:// and the CUDA paths of kvpool.paged.
+"""gpu:// and the CUDA paths of kvpool.pool.paged.
 
 Without a GPU: the backend's allocator/eviction/protocol logic through the conformance suite on the CPU test
 hook (``_device="cpu"``), spec parsing, and the ConfigError on open. Tests marked ``gpu`` need CUDA (they are
@@ -16,21 +16,14 @@ import pytest
 import torch
 
 from kvpool import CapacityError, ConfigError, KVLayout, KVPool
-from kvpool.backends.gpu import GPUBackend
-from kvpool.buffers import aligned_empty
+from kvpool.memory.gpu import GPUBackend
+from kvpool.storage.buffers import aligned_empty
 from kvpool.config import BackendSpec
-from kvpool.paged import (
-    LayerEvents,
-    PagedKV,
-    pinned_empty,
-    put_paged,
-    register_host_memory,
-    registered_host_memory,
-    restore_paged,
-    restore_stream,
-    unregister_host_memory,
-)
-from kvpool.registry import backend_from_spec
+from kvpool.cuda.events import LayerEvents, restore_stream
+from kvpool.cuda.host import pinned_empty, register_host_memory, registered_host_memory, unregister_host_memory
+from kvpool.cuda.paged_kv import PagedKV
+from kvpool.pool.paged import put_paged, restore_paged
+from kvpool.storage.registry import backend_from_spec
 from kvpool.testing import BackendTests
 from kvpool.testing.backend_tests import rand_bytes, rand_key
 

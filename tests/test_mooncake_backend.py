@@ -56,10 +56,10 @@ if MASTER_BIN is None or NODE_BIN is None:
 
 import kvpool  # noqa: E402
 from kvpool import BackendError, ConfigError, KVLayout, KVPool  # noqa: E402
-from kvpool.backends.base import ReadRequest  # noqa: E402
-from kvpool.backends.mooncake import MooncakeBackend  # noqa: E402
+from kvpool.storage.backend import ReadRequest  # noqa: E402
+from kvpool.remote.mooncake import MooncakeBackend  # noqa: E402
 from kvpool.config import BackendSpec  # noqa: E402
-from kvpool.registry import backend_from_spec  # noqa: E402
+from kvpool.storage.registry import backend_from_spec  # noqa: E402
 from kvpool.testing import BackendTests  # noqa: E402
 from kvpool.testing.backend_tests import rand_bytes, rand_key  # noqa: E402
 

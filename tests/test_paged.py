@@ -1,4 +1,4 @@
-"""kvpool.paged on the CPU: PagedKV validation, scatter/gather, put_paged/restore_paged through real pools, and a
+"""kvpool.pool.paged on the CPU: PagedKV validation, scatter/gather, put_paged/restore_paged through real pools, and a
 structural check that the work per layer does not grow with the number of blocks."""
 
 from __future__ import annotations
@@ -15,17 +15,10 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from kvpool import KVLayout, KVPool, LayoutError
-from kvpool.paged import (
-    LayerEvents,
-    PagedKV,
-    gds_available,
-    pinned_empty,
-    put_paged,
-    register_host_memory,
-    registered_host_memory,
-    restore_paged,
-    unregister_host_memory,
-)
+from kvpool.cuda.events import LayerEvents
+from kvpool.cuda.host import gds_available, pinned_empty, register_host_memory, registered_host_memory, unregister_host_memory
+from kvpool.cuda.paged_kv import PagedKV
+from kvpool.pool.paged import put_paged, restore_paged
 
 LAYOUT = KVLayout(num_layers=4, num_kv_heads=2, head_dim=16, dtype=torch.bfloat16, chunk_tokens=16)
 BS = 4  # tokens per block: 4 blocks per chunk

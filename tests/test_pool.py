@@ -6,7 +6,7 @@ import torch
 
 import kvpool
 from kvpool import CapacityError, ConfigError, KVLayout, KVPool, LayoutError, PoolClosedError, UnknownBackendError
-from kvpool.backends.dram import DRAMBackend
+from kvpool.memory.dram import DRAMBackend
 
 LAYOUT = KVLayout(num_layers=4, num_kv_heads=2, head_dim=16, dtype=torch.bfloat16, chunk_tokens=16)
 
@@ -245,7 +245,7 @@ async def test_pool_accepts_backend_objects_and_registry() -> None:
     assert "dram" in kvpool.registry()
     with pytest.raises(ConfigError):
         kvpool.register_backend("dram", DRAMBackend)
-    kvpool.register_backend("dram2", "kvpool.backends.dram:DRAMBackend", clobber=True)
+    kvpool.register_backend("dram2", "kvpool.memory.dram:DRAMBackend", clobber=True)
     async with await KVPool.open(layout=LAYOUT, model_id="m", backends=["dram2://?capacity=1MiB"]) as pool:
         assert await pool.put(toks(16), make_kv(16)) == 16
     with pytest.raises(ConfigError):

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from kvpool import KVLayout, KVPool, ReadRequest
-from kvpool.backends.dram import DRAMBackend
-from kvpool.scheduler import Priority, TierScheduler, io_class
+from kvpool.memory.dram import DRAMBackend
+from kvpool.pool.scheduler import Priority, TierScheduler, io_class
 from kvpool.testing.backend_tests import rand_bytes, rand_key
 from kvpool.testing.faults import FaultyBackend, LatencyBackend
 

@@ -1,4 +1,4 @@
-"""The striped tier (``kvpool.backends.striped``) and placement (``kvpool.placement``): the conformance suite
+"""The striped tier (``kvpool.striped.backend``) and placement (``kvpool.striped.placement``): the conformance suite
 over uring files of different sizes and over DRAM, bandwidth-proportional splits, copy-free strided pieces,
 persistence across reopen (and weight changes), failing children, bandwidth probes, loop block devices."""
 
@@ -19,12 +19,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvpool import BackendError, CapacityError, ConfigError, KVLayout, KVPool
-from kvpool.backends.base import Backend, ReadRequest
-from kvpool.backends.dram import DRAMBackend
-from kvpool.backends.striped import META_MAGIC, StripedBackend, _piece_key
-from kvpool.backends.uring import UringBackend
+from kvpool.storage.backend import Backend, ReadRequest
+from kvpool.memory.dram import DRAMBackend
+from kvpool.striped.backend import META_MAGIC, StripedBackend, _piece_key
+from kvpool.ssd.store import UringBackend
 from kvpool.config import BackendSpec
-from kvpool.placement import BandwidthProbe, makespan, split_by_weight
+from kvpool.striped.placement import BandwidthProbe, makespan, split_by_weight
 from kvpool.testing import BackendTests
 from kvpool.testing.backend_tests import rand_bytes, rand_key
 
@@ -575,7 +575,7 @@ async def test_pool_nested_list_builds_a_striped_tier(tmp_path) -> None:  # type
     import torch
 
     import kvpool
-    from kvpool.backends.striped import StripedBackend
+    from kvpool.striped.backend import StripedBackend
 
     layout = kvpool.KVLayout(num_layers=4, num_kv_heads=4, head_dim=64, dtype=torch.float16, chunk_tokens=64)
     backends = ["dram://?capacity=4MiB",

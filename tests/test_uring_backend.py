@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from kvpool import BackendError, ConfigError, PoolLockedError
-from kvpool.backends import _uring_format as fmt
-from kvpool.backends.uring import UringBackend
+from kvpool.ssd import format as fmt
+from kvpool.ssd.store import UringBackend
 from kvpool.config import BackendSpec
 from kvpool.testing import BackendTests
 from kvpool.testing.backend_tests import rand_bytes, rand_key

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from kvpool import KVLayout, KVPool, PoolLockedError
-from kvpool.backends.uring import UringBackend
+from kvpool.ssd.store import UringBackend
 from kvpool.testing import BackendTests
 from kvpool.testing.backend_tests import rand_bytes, rand_key
 

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import pytest
 
 from kvpool import _uring
-from kvpool.uring_engine import (
+from kvpool.ssd.uring_engine import (
     OP_FSYNC,
     OP_READ,
     OP_WRITE,

@@ -39,7 +39,7 @@ import torch
 
 from ..errors import LayoutError, RestoreError
 from ..layout import KVLayout
-from ..pool import KVPool
+from ..pool.facade import KVPool
 
 _T = TypeVar("_T")
 _LAYERWISE_PREFETCH = 2

@@ -1,4 +1,4 @@
-"""The conformance suite: the contract of :class:`kvpool.backends.base.Backend`, as tests.
+"""The conformance suite: the contract of :class:`kvpool.storage.backend.Backend`, as tests.
 
 Subclass :class:`BackendTests` in a test module and implement :meth:`BackendTests.make_backend`; pytest (with
 pytest-asyncio in auto mode) collects every ``test_*`` method. Persistent backends are also checked across a
@@ -17,7 +17,7 @@ import pytest
 import pytest_asyncio
 import torch
 
-from ..backends.base import Backend, ReadRequest, nbytes_of
+from ..storage.backend import Backend, ReadRequest, nbytes_of
 from ..errors import CapacityError, PoolClosedError
 
 __all__ = ["BackendTests"]

@@ -13,7 +13,7 @@ from typing import Any
 import attrs
 import torch
 
-from ..backends.base import Backend, ReadRequest, nbytes_of
+from ..storage.backend import Backend, ReadRequest, nbytes_of
 from ..errors import BackendError
 
 __all__ = ["LatencyBackend", "FaultyBackend"]

@@ -59,9 +59,10 @@ from urllib.parse import urlsplit
 import torch
 import xxhash
 
+from ..storage.buffers import OFFLOAD_BYTES
 from ..errors import BackendError, ConfigError
-from ._remote_format import FIXED, Filler, Header, RemoteFormat, bytes_address, part_seed, seconds
-from .base import Backend, Capabilities, ReadRequest, nbytes_of
+from .format import FIXED, Filler, Header, RemoteFormat, bytes_address, part_seed, seconds
+from ..storage.backend import Backend, Capabilities, ReadRequest, nbytes_of
 
 if TYPE_CHECKING:
     from typing import Self
@@ -97,7 +98,6 @@ _WIRE = RemoteFormat(b"KVR1", 0x6B76706F6F6C6872)  # salt: "kvpoolhr"
 
 # Verification and copies of at least this many bytes run in a worker thread (xxhash and memmove release the
 # GIL), so the event loop keeps serving other requests meanwhile.
-_OFFLOAD_BYTES = 8 * MiB
 # Deadline allowance for bulk transfers: timeout + bytes / this.
 _SLOW_BPS = 256 * MiB
 _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (_RConnectionError, _RTimeoutError, OSError)
@@ -466,7 +466,7 @@ class RedisBackend(Backend):
         # verification and copies: no server involved, so outside the deadline (a worker thread must never be
         # left writing into a destination after we returned)
         work = sum(pl.nbytes for pl in plans) + sum(len(v) for v in fetched.values())
-        if work >= _OFFLOAD_BYTES:
+        if work >= OFFLOAD_BYTES:
             status = await asyncio.to_thread(self._finish, plans, fetched)
         else:
             status = self._finish(plans, fetched)
@@ -649,7 +649,7 @@ class RedisBackend(Backend):
         if not items:
             return
         total = sum(nbytes_of(s) for _, s in items)
-        if total >= _OFFLOAD_BYTES:
+        if total >= OFFLOAD_BYTES:
             enc = await asyncio.to_thread(self._encode_all, items)
         else:
             enc = self._encode_all(items)

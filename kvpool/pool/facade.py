@@ -12,21 +12,22 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from .backends.base import Backend, ReadRequest
-from .config import PoolConfig
-from .errors import ConfigError, KVPoolError, LayoutError, PoolClosedError, RestoreError
-from .keys import PrefixHasher, as_token_array
-from .layout import KVLayout
-from .registry import backend_from_spec
+from ..config import PoolConfig
+from ..cuda.host import register_host_memory
+from ..cuda.paged_kv import PagedKV
+from ..errors import ConfigError, KVPoolError, LayoutError, PoolClosedError, RestoreError
+from ..keys import PrefixHasher, as_token_array
+from ..layout import KVLayout
+from ..storage.backend import Backend, ReadRequest
+from ..storage.buffers import RecyclingArena, aligned_empty
+from ..storage.registry import backend_from_spec
+from ..striped.backend import StripedBackend
+from .paged import put_paged, restore_paged
 from .scheduler import Priority, TierScheduler, io_class
-from .buffers import RecyclingArena, aligned_empty
-
-if TYPE_CHECKING:
-    from .paged import PagedKV
 
 __all__ = ["KVPool"]
 
@@ -38,8 +39,6 @@ def _tier_from_spec(spec: Any) -> Backend:
     if isinstance(spec, (list, tuple)):
         if not spec:
             raise ConfigError("a striped tier needs at least one backend")
-        from .backends.striped import StripedBackend
-
         striped: Backend = StripedBackend.from_specs(list(spec))
         return striped
     return backend_from_spec(spec)
@@ -112,8 +111,6 @@ class KVPool:
         }
         self._opened_at = time.time()
         self._admission = _Admission()
-        from .paged import register_host_memory
-
         # results feed host-to-device copies: page-lock each arena segment once (a no-op without CUDA)
         self._results = RecyclingArena(
             config.result_cache_bytes, on_new_segment=register_host_memory if torch.cuda.is_available() else None
@@ -243,8 +240,6 @@ class KVPool:
         are removed again and the error propagates: the pool is as it was.
         """
         self._check_open()
-        from .paged import PagedKV, put_paged
-
         if isinstance(kv, PagedKV):  # a paged (vLLM-style) source: gathered on its device, once per layer
             return await put_paged(self, tokens, kv)
         arr = as_token_array(tokens)
@@ -401,12 +396,10 @@ class KVPool:
 
         ``out`` is ``[L, 2, T, H, D]`` of the pool's dtype (CPU or CUDA), or a :class:`~kvpool.PagedKV`
         (vLLM-style per-layer block caches + block table: each layer is scattered into its blocks with one
-        launch; use :func:`kvpool.paged.restore_paged` directly to get per-layer CUDA events instead of waiting
+        launch; use :func:`kvpool.restore_paged` directly to get per-layer CUDA events instead of waiting
         here). At most ``T // chunk_tokens`` chunks are restored. ``out[:, :, n:]`` is left unspecified.
         """
         self._check_open()
-        from .paged import PagedKV, restore_paged
-
         if isinstance(out, PagedKV):  # scatter each layer into the blocks, one launch per layer
             hit, _events = await restore_paged(self, tokens, out)
             _events.synchronize()

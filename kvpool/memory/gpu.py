@@ -1,8 +1,8 @@
 """``gpu://?device=0&capacity=20GiB`` -- a tier in spare GPU memory: one arena, its own allocator, LRU eviction.
 
 The arena is one preallocated ``torch.uint8`` CUDA tensor; objects are extents of it
-(:class:`~kvpool.allocator.ExtentAllocator`, 4 KiB aligned), evicted by the tier's policy
-(:func:`~kvpool.eviction.make_policy`, ``lru`` by default). A write or read is one strided ``copy_`` between
+(:class:`~kvpool.storage.allocator.ExtentAllocator`, 4 KiB aligned), evicted by the tier's policy
+(:func:`~kvpool.storage.eviction.make_policy`, ``lru`` by default). A write or read is one strided ``copy_`` between
 the arena and the caller's tensor: device-to-device for CUDA tensors, host-to-device / device-to-host for CPU
 ones (at full link speed when they are pinned). Copies are issued ``non_blocking`` on a dedicated stream
 that first waits for the caller's current stream (so the caller's pending work on the tensor comes first),
@@ -27,12 +27,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..allocator import ExtentAllocator
+from ..storage.allocator import ExtentAllocator
+from ..storage.buffers import OFFLOAD_BYTES
 from ..errors import ConfigError
-from ..eviction import EvictionPolicy, make_policy
-from ..paged import await_cuda_event
-from ._arena import ArenaTier, Extent
-from .base import Capabilities, ReadRequest, nbytes_of
+from ..storage.eviction import EvictionPolicy, make_policy
+from ..cuda.events import await_cuda_event
+from .arena import ArenaTier, Extent
+from ..storage.backend import Capabilities, ReadRequest, nbytes_of
 
 if TYPE_CHECKING:
     from typing import Self
@@ -44,7 +45,6 @@ __all__ = ["GPUBackend"]
 _ALIGN = 4096
 # Host-side copies at least this large (pageable memory: the CUDA driver stages them synchronously; or the
 # CPU test hook) are launched from a worker thread.
-_OFFLOAD_BYTES = 4 << 20
 
 _cuda: Any = torch.cuda  # torch.cuda's Stream/Event constructors are untyped
 
@@ -64,7 +64,7 @@ class GPUBackend(ArenaTier):
     device
         CUDA device ordinal.
     policy
-        Eviction policy name or an :class:`~kvpool.eviction.EvictionPolicy` object.
+        Eviction policy name or an :class:`~kvpool.storage.eviction.EvictionPolicy` object.
     _device
         Test hook: a torch device string overriding ``cuda:{device}``. ``"cpu"`` runs the tier's logic with a
         host arena and synchronous copies, so it can be tested without a GPU.
@@ -167,7 +167,7 @@ class GPUBackend(ArenaTier):
 
         ``other`` is the caller's tensor (``src`` of a write, ``dest`` of a read)."""
         if not self._cuda:  # test hook: a host arena
-            if nbytes >= _OFFLOAD_BYTES:
+            if nbytes >= OFFLOAD_BYTES:
                 await asyncio.to_thread(dst.copy_, src)
             else:
                 dst.copy_(src)
@@ -175,7 +175,7 @@ class GPUBackend(ArenaTier):
         # the caller produced (or last used) its tensor on its current stream -- taken here, on the caller's
         # thread: a worker thread's current stream is the default one
         after = torch.cuda.current_stream(other.device if other.is_cuda else self._torch_device)
-        if nbytes >= _OFFLOAD_BYTES and not other.is_cuda and not other.is_pinned():
+        if nbytes >= OFFLOAD_BYTES and not other.is_cuda and not other.is_pinned():
             # from/to pageable host memory the driver stages synchronously: launch from a worker thread
             ev = await asyncio.to_thread(self._launch, dst, src, after)
         else:

@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from .backends.base import Backend, ReadRequest, nbytes_of
+from ..storage.backend import Backend, ReadRequest, nbytes_of
 
 __all__ = ["Priority", "TierScheduler", "io_class", "io_priority", "io_deadline"]
 

@@ -29,13 +29,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 import xxhash
 
-from ..allocator import ExtentAllocator
+from ..storage.allocator import ExtentAllocator
 from ..errors import BackendError, CapacityError, ConfigError, PoolLockedError
-from ..eviction import EvictionPolicy, make_policy
-from ..buffers import aligned_empty, alloc_aligned, buffer_address, tensor_runs
-from ..uring_engine import OP_FSYNC, OP_READ, OP_WRITE, UringEngine
-from . import _uring_format as fmt
-from .base import Backend, Capabilities, ReadRequest, nbytes_of
+from ..storage.eviction import EvictionPolicy, make_policy
+from ..storage.buffers import OFFLOAD_BYTES, aligned_empty, alloc_aligned, buffer_address, tensor_runs
+from .uring_engine import OP_FSYNC, OP_READ, OP_WRITE, UringEngine
+from . import format as fmt
+from ..storage.backend import Backend, Capabilities, ReadRequest, nbytes_of
 
 if TYPE_CHECKING:
     from typing import Self
@@ -50,7 +50,6 @@ BLOCK = fmt.BLOCK
 _IOV_MAX = 512  # iovecs per SQE (the kernel's limit is 1024)
 _MAX_IO = 8 << 20  # upper bound of one request; lowered to the device's max_sectors_kb at open
 _LOCK_WAIT_S = 2.0
-_OFFLOAD_BYTES = 4 << 20  # verify/copy at least this much off the event loop  # split larger ranges so the device sees many requests in parallel
 
 
 def _mem(addr: int, n: int) -> memoryview:
@@ -896,7 +895,7 @@ class UringBackend(Backend):
                 self.counters["misses"] += 1
             # Large verifications and copy-outs run in worker threads (xxhash and torch release the GIL), so the
             # event loop keeps submitting I/O for other requests meanwhile; small ones are cheaper inline.
-            big = {p for p in todo if plans[p][3] - plans[p][2] >= _OFFLOAD_BYTES}
+            big = {p for p in todo if plans[p][3] - plans[p][2] >= OFFLOAD_BYTES}
             verdict = {p: finish(plans[p]) for p in todo if p not in big}
             if big:
                 order = sorted(big)

@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import ConfigError
-from ..eviction import EvictionPolicy, make_policy
-from ..allocator import ExtentAllocator
-from ..buffers import HUGE_PAGE, alloc_aligned, buffer_address
-from ._arena import ArenaTier, Extent
-from .base import Capabilities, ReadRequest, nbytes_of
+from ..storage.eviction import EvictionPolicy, make_policy
+from ..storage.allocator import ExtentAllocator
+from ..storage.buffers import OFFLOAD_BYTES, HUGE_PAGE, alloc_aligned, buffer_address
+from .arena import ArenaTier, Extent
+from ..storage.backend import Capabilities, ReadRequest, nbytes_of
 
 if TYPE_CHECKING:
     from typing import Self
@@ -49,7 +49,6 @@ def _mbind(addr: int, length: int, node: int) -> None:
         raise ConfigError(f"dram://: mbind to NUMA node {node} failed: {os.strerror(err)}")
 
 # Copies at least this large go to a worker thread; smaller ones are cheaper inline than a thread hop.
-_OFFLOAD_BYTES = 4 << 20
 _ALIGN = 4096
 
 
@@ -68,7 +67,7 @@ class DRAMBackend(ArenaTier):
     pin_memory
         Page-lock the arena; ``None`` (default) pins when CUDA is available.
     policy
-        Eviction policy name (``lru``) or an :class:`~kvpool.eviction.EvictionPolicy` object.
+        Eviction policy name (``lru``) or an :class:`~kvpool.storage.eviction.EvictionPolicy` object.
     """
 
     scheme = "dram"
@@ -147,7 +146,7 @@ class DRAMBackend(ArenaTier):
         ext.pins = 1  # not yet visible, but an eviction must not hand it out while we copy
         try:
             dst = _viewed(self._slice(start, n), src)
-            if n >= _OFFLOAD_BYTES:
+            if n >= OFFLOAD_BYTES:
                 await asyncio.to_thread(dst.copy_, src)
             else:
                 dst.copy_(src)
@@ -164,7 +163,7 @@ class DRAMBackend(ArenaTier):
             return False
         n = nbytes_of(dest)
         src = _viewed(self._slice(ext.start + offset, n), dest)
-        if n >= _OFFLOAD_BYTES:
+        if n >= OFFLOAD_BYTES:
             ext.pins += 1
             try:
                 await asyncio.to_thread(dest.copy_, src)
@@ -179,14 +178,14 @@ class DRAMBackend(ArenaTier):
 
     async def write_many(self, items: Sequence[tuple[bytes, torch.Tensor]]) -> None:
         # Small copies are cheaper inline than as tasks; large ones overlap in worker threads.
-        if len(items) > 1 and any(nbytes_of(s) >= _OFFLOAD_BYTES for _, s in items):
+        if len(items) > 1 and any(nbytes_of(s) >= OFFLOAD_BYTES for _, s in items):
             await super().write_many(items)
         else:
             for k, s in items:
                 await self.write(k, s)
 
     async def read_many(self, requests: Sequence[ReadRequest]) -> list[bool]:
-        if len(requests) > 1 and any(nbytes_of(r.dest) >= _OFFLOAD_BYTES for r in requests):
+        if len(requests) > 1 and any(nbytes_of(r.dest) >= OFFLOAD_BYTES for r in requests):
             return await super().read_many(requests)
         return [await self.read_into(r.key, r.dest, r.offset) for r in requests]
 

@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING
 import torch
 import xxhash
 
-from ..buffers import tensor_runs
+from ..storage.buffers import tensor_runs
 from ..errors import ConfigError
-from .base import nbytes_of
+from ..storage.backend import nbytes_of
 
 if TYPE_CHECKING:
     from ..config import BackendSpec

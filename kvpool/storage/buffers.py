@@ -19,11 +19,15 @@ from typing import Any, Final, cast, overload
 import torch
 
 __all__ = [
+    "OFFLOAD_BYTES",
     "alloc_aligned", "buffer_address", "tensor_runs", "aligned_empty", "RecyclingArena", "PAGE", "HUGE_PAGE",
 ]
 
 PAGE: Final = 4096
 HUGE_PAGE: Final = 2 * 1024 * 1024
+# Copies (and checksum passes) of at least this many bytes run in a worker thread (torch and xxhash release the
+# GIL), so the event loop keeps submitting I/O meanwhile; smaller ones are cheaper inline than a thread hop.
+OFFLOAD_BYTES: Final = 4 << 20
 _HUGE_2M: Final = HUGE_PAGE
 _MAP_HUGETLB: Final = 0x40000
 

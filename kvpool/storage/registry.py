@@ -13,24 +13,24 @@ from importlib.metadata import entry_points
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
-from .config import BackendSpec
-from .errors import ConfigError, UnknownBackendError
+from ..config import BackendSpec
+from ..errors import ConfigError, UnknownBackendError
 
 if TYPE_CHECKING:
-    from .backends.base import Backend
+    from .backend import Backend
 
 __all__ = ["register_backend", "get_backend_class", "known_backends", "registry", "backend_from_spec"]
 
 # Built-ins, by dotted path (imported lazily), with the extra to install when the import fails.
 _BUILTIN: dict[str, tuple[str, str | None]] = {
-    "dram": ("kvpool.backends.dram:DRAMBackend", None),
-    "uring": ("kvpool.backends.uring:UringBackend", None),
-    "gpu": ("kvpool.backends.gpu:GPUBackend", None),
-    "redis": ("kvpool.backends.redis:RedisBackend", "redis"),
-    "rediss": ("kvpool.backends.redis:RedisBackend", "redis"),
-    "valkey": ("kvpool.backends.redis:RedisBackend", "redis"),
-    "redis+cluster": ("kvpool.backends.redis:RedisBackend", "redis"),
-    "mooncake": ("kvpool.backends.mooncake:MooncakeBackend", "mooncake"),
+    "dram": ("kvpool.memory.dram:DRAMBackend", None),
+    "uring": ("kvpool.ssd.store:UringBackend", None),
+    "gpu": ("kvpool.memory.gpu:GPUBackend", None),
+    "redis": ("kvpool.remote.redis:RedisBackend", "redis"),
+    "rediss": ("kvpool.remote.redis:RedisBackend", "redis"),
+    "valkey": ("kvpool.remote.redis:RedisBackend", "redis"),
+    "redis+cluster": ("kvpool.remote.redis:RedisBackend", "redis"),
+    "mooncake": ("kvpool.remote.mooncake:MooncakeBackend", "mooncake"),
 }
 
 _registry: dict[str, type[Backend] | str] = {}
@@ -61,10 +61,10 @@ def register_backend(name: str, cls: type[Backend] | str, *, clobber: bool = Fal
     if not clobber and (name in _registry or name in _BUILTIN):
         raise ConfigError(f"a backend named {name!r} is already registered; pass clobber=True to replace it")
     if not isinstance(cls, str):
-        from .backends.base import Backend
+        from .backend import Backend
 
         if not (isinstance(cls, type) and issubclass(cls, Backend)):
-            raise ConfigError(f"{cls!r} is not a kvpool.backends.base.Backend subclass")
+            raise ConfigError(f"{cls!r} is not a kvpool.storage.backend.Backend subclass")
     _registry[name] = cls
 
 
@@ -116,7 +116,7 @@ def registry() -> Mapping[str, type[Backend] | str]:
 
 def backend_from_spec(spec: str | Backend) -> Backend:
     """Turn a spec string (or a ready backend object) into a backend object."""
-    from .backends.base import Backend
+    from .backend import Backend
 
     if isinstance(spec, Backend):
         return spec

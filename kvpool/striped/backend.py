@@ -5,9 +5,9 @@ or ``StripedBackend.from_specs(["uring:///dev/a?bw=3GB/s", "uring:///dev/b?bw=1.
 ``StripedBackend([UringBackend(...), UringBackend(...)])``.
 
 Placement. An object of ``n`` bytes is cut into contiguous byte ranges, one per child, sized in proportion to
-the children's read bandwidth (:func:`kvpool.placement.split_by_weight`), so that a restore reads every child
+the children's read bandwidth (:func:`kvpool.striped.placement.split_by_weight`), so that a restore reads every child
 for the same time. Weights come from, in order: ``weights=`` given to the constructor; ``bw=`` in a child's
-spec (:meth:`from_specs`); the child's ``capabilities.read_bandwidth``; a :class:`~kvpool.placement.BandwidthProbe`
+spec (:meth:`from_specs`); the child's ``capabilities.read_bandwidth``; a :class:`~kvpool.striped.placement.BandwidthProbe`
 at open (cached: ``PATH.bw.json`` next to a pool file; for devices, under the probe's ``cache_dir``); else
 the mean of the others. Piece boundaries are multiples of 4 KiB and, when the balance stays within
 ``tolerance`` (2 %), multiples of the object's rows (the leading dimensions of the tensor written): a strided
@@ -52,10 +52,10 @@ import blake3
 import torch
 import xxhash
 
-from ..buffers import aligned_empty
+from ..storage.buffers import aligned_empty
 from ..errors import BackendError, CapacityError, ConfigError
-from ..placement import BandwidthProbe, makespan, split_by_weight
-from .base import Backend, Capabilities, ReadRequest, nbytes_of
+from .placement import BandwidthProbe, makespan, split_by_weight
+from ..storage.backend import Backend, Capabilities, ReadRequest, nbytes_of
 
 if TYPE_CHECKING:
     from typing import Self
@@ -304,7 +304,7 @@ class StripedBackend(Backend):
         read bandwidth hint: it is taken out of the spec before the child is built (children need not know
         it). Children without one are weighed by their capabilities or probed."""
         from ..config import BackendSpec
-        from ..registry import backend_from_spec
+        from ..storage.registry import backend_from_spec
 
         children: list[Backend] = []
         hints: list[float | None] = []

@@ -4,7 +4,7 @@ A policy only orders keys; the tier that owns the bytes asks it for candidates a
 evict right now (pinned by an in-flight read). Policies are plain synchronous objects: every call is O(1)
 amortised (the attention-aware policy: O(log n), a heap), because they run on every hit.
 
-The calling protocol (what :mod:`kvpool.backends.dram` and :mod:`kvpool.backends.uring` do)::
+The calling protocol (what :mod:`kvpool.memory.dram` and :mod:`kvpool.ssd.store` do)::
 
     victim = next((k for k in policy.candidates() if not pinned(k)), None)
     ... policy.remove(victim) ...        # then ask for a fresh candidates() stream for the next victim
@@ -32,7 +32,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Iterator
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = [
     "POLICIES",

@@ -19,7 +19,7 @@ import collections
 from collections.abc import Sequence
 from typing import Any, Final, Protocol, cast
 
-from .buffers import alloc_aligned, buffer_address
+from ..storage.buffers import alloc_aligned, buffer_address
 import kvpool._uring as _uring  # noqa: PLR0402  (mypy cannot see the compiled submodule otherwise)
 
 __all__ = [

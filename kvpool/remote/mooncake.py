@@ -88,11 +88,11 @@ from urllib.parse import urlsplit
 import torch
 import xxhash
 
-from ..allocator import ExtentAllocator
-from ..buffers import alloc_aligned
+from ..storage.allocator import ExtentAllocator
+from ..storage.buffers import OFFLOAD_BYTES, alloc_aligned
 from ..errors import BackendError, ConfigError
-from ._remote_format import FIXED, Filler, Header, RemoteFormat, bytes_address, hdr_len, part_seed, seconds
-from .base import Backend, Capabilities, ReadRequest, nbytes_of
+from .format import FIXED, Filler, Header, RemoteFormat, bytes_address, hdr_len, part_seed, seconds
+from ..storage.backend import Backend, Capabilities, ReadRequest, nbytes_of
 
 if TYPE_CHECKING:
     from typing import Self
@@ -136,7 +136,6 @@ _CONTROL_BUFFER = 1 * MiB
 _CLIENT_BUFFER = 16 * MiB
 # Verification and copies of at least this many bytes run in a worker thread (xxhash and memmove release the
 # GIL), so the event loop keeps serving other requests meanwhile.
-_OFFLOAD_BYTES = 8 * MiB
 # Deadline allowance for bulk transfers: timeout + bytes / this.
 _SLOW_BPS = 256 * MiB
 # How long a read waits for a value that is being written (Mooncake answers "replica not ready" meanwhile).
@@ -810,7 +809,7 @@ class MooncakeBackend(Backend):
     async def _cpu(self, work: int, fn: Callable[..., _T], *args: Any) -> _T:
         """Run pure CPU work (verification, copies) inline, or in a worker thread when large. The thread is
         waited for even if the caller is cancelled: it may be writing into the caller's tensor."""
-        if work < _OFFLOAD_BYTES:
+        if work < OFFLOAD_BYTES:
             return fn(*args)
         task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
         try:

@@ -1,6 +1,6 @@
 """Placement across devices: how an object's bytes are split over striped children, and how fast each is.
 
-Two parts, both used by :class:`kvpool.backends.striped.StripedBackend`:
+Two parts, both used by :class:`kvpool.striped.backend.StripedBackend`:
 
 - :func:`split_by_weight` -- a pure function: byte counts per device proportional to weights (bandwidths),
   in multiples of ``align`` (only the last non-empty piece carries the unaligned tail), summing to the
@@ -40,11 +40,11 @@ import attrs
 import torch
 
 if TYPE_CHECKING:
-    from .backends.base import Backend
+    from ..storage.backend import Backend
 
 __all__ = ["split_by_weight", "makespan", "BandwidthProbe", "ProbeResult"]
 
-log = logging.getLogger("kvpool.placement")
+log = logging.getLogger("kvpool.striped.placement")
 
 _CACHE_VERSION = 1
 _SPREAD_UNITS = 8  # objects of fewer units per device than this are rounded by the seed (see split_by_weight)
@@ -215,7 +215,7 @@ class ProbeResult:
 
 def _io_bytes(n: int) -> torch.Tensor:
     """Page-aligned I/O memory (huge-page advised when large): what restores read into."""
-    from .buffers import aligned_empty
+    from ..storage.buffers import aligned_empty
 
     return aligned_empty((n,), torch.uint8)
 
@@ -350,7 +350,7 @@ class BandwidthProbe:
 
     async def measure(self, backend: Backend) -> ProbeResult | None:
         """Probe an open backend now (no cache): write, read back, delete. ``None`` if there is no room."""
-        from .backends.base import ReadRequest
+        from ..storage.backend import ReadRequest
 
         total = self.probe_size(backend)
         if total == 0:

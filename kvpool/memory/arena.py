@@ -10,10 +10,10 @@ from typing import Any
 
 import torch
 
-from ..allocator import ExtentAllocator
+from ..storage.allocator import ExtentAllocator
 from ..errors import CapacityError
-from ..eviction import EvictionPolicy
-from .base import Backend, nbytes_of
+from ..storage.eviction import EvictionPolicy
+from ..storage.backend import Backend, nbytes_of
 
 __all__ = ["ArenaTier", "Extent"]
 

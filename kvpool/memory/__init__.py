@@ -1,0 +1,1 @@
+"""Memory tiers: host DRAM (``dram://``) and GPU memory (``gpu://``), over one shared arena bookkeeping."""

@@ -1,0 +1,1 @@
+"""Shared remote tiers: Redis/Valkey and Mooncake Store, over one object format (parts, checksums)."""

@@ -1,0 +1,1 @@
+"""A tier striped over several devices, with bandwidth-weighted placement and its probes."""
