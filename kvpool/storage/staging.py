@@ -1,0 +1,229 @@
+"""StagingArena: pool-owned host memory, faulted in before the first request and reused by every restore.
+
+A fresh anonymous mapping costs the kernel ~0.75 CPU-s/GB the first time it is touched (zeroing and, for huge
+pages, compaction): more than the SSD read itself. A restore that lands in fresh memory therefore runs at a
+fraction of the device's speed, and the block layer splits requests built from freshly faulted, fragmented
+memory. The arena is one mapping of a fixed size, advised for transparent huge pages (hugetlb pages when they
+are reserved), populated by a background thread right after it is made (``MADV_POPULATE_WRITE``, which the
+kernel serves a huge page at a time), optionally page-locked once for CUDA, and then carved into tensors:
+
+- only memory that is already populated is handed out, so no request pays first-touch faults;
+- a tensor handed out comes back when the caller drops it (a finalizer, from whichever thread drops it);
+- when the arena is exhausted, :meth:`acquire` waits for memory to come back (back-pressure); it never
+  allocates fresh memory. Only a request larger than the whole arena is served from a fresh aligned mapping,
+  and that is counted (``oversize``) and logged once, naming the setting to raise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import logging
+import mmap
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Final
+
+import torch
+
+from .allocator import ExtentAllocator
+from .buffers import HUGE_PAGE, aligned_empty, alloc_aligned
+
+__all__ = ["StagingArena"]
+
+log = logging.getLogger("kvpool.staging")
+
+_MADV_POPULATE_WRITE: Final = 23  # Linux 5.14+
+_STEP: Final = 64 << 20  # populated (and made available) this much at a time
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.madvise.restype = ctypes.c_int
+
+
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    n = torch.empty((), dtype=dtype).element_size()
+    for d in shape:
+        n *= d
+    return n
+
+
+class StagingArena:
+    """A bounded, pre-faulted host arena handing out tensors that return when dropped.
+
+    Parameters
+    ----------
+    nbytes
+        Size of the arena (rounded up to 2 MiB).
+    on_ready
+        Called once with the whole mapping after it is populated (e.g. ``cudaHostRegister``), in the
+        populating thread.
+    """
+
+    def __init__(self, nbytes: int, *, on_ready: Callable[[mmap.mmap], object] | None = None) -> None:
+        if nbytes <= 0:
+            raise ValueError(f"a staging arena needs a positive size, got {nbytes}")
+        self.nbytes = -(-nbytes // HUGE_PAGE) * HUGE_PAGE
+        self._buf = alloc_aligned(self.nbytes)
+        self.address = ctypes.addressof(ctypes.c_char.from_buffer(self._buf))
+        self._alloc = ExtentAllocator(self.nbytes, HUGE_PAGE)
+        # everything not yet populated is held "in use" and given to the allocator step by step
+        whole = self._alloc.alloc(self.nbytes)
+        assert whole == 0
+        self._populated = 0
+        self._lock = threading.Lock()
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self._on_ready = on_ready
+        self._ready = threading.Event()
+        self._closed = False
+        self.populate_seconds: float | None = None
+        self.populate_error: str | None = None
+        self.acquired = 0
+        self.waits = 0
+        self.oversize = 0
+        self._warned_oversize = False
+        self._thread = threading.Thread(target=self._populate, name="kvpool-staging", daemon=True)
+        self._thread.start()
+
+    # --- readiness ---------------------------------------------------------------------------------------
+    def _populate(self) -> None:
+        t0 = time.monotonic()
+        off = 0
+        while off < self.nbytes and not self._closed:
+            n = min(_STEP, self.nbytes - off)
+            if _libc.madvise(self.address + off, n, _MADV_POPULATE_WRITE) != 0:
+                # older kernels: touch one byte per 4 KiB page (a write fault populates the page, THP if it can)
+                self.populate_error = f"MADV_POPULATE_WRITE: errno {ctypes.get_errno()}; touched pages instead"
+                view = memoryview(self._buf)[off : off + n]
+                for p in range(0, n, mmap.PAGESIZE):
+                    view[p] = 0
+                view.release()
+            off += n
+            with self._lock:
+                self._alloc.free(off - n, n)
+                self._populated = off
+            self._wake()
+        if self._on_ready is not None and not self._closed:
+            try:
+                self._on_ready(self._buf)
+            except Exception as exc:  # page-locking is an optimisation: the arena works without it
+                log.warning("staging arena: could not page-lock %d bytes: %s", self.nbytes, exc)
+        self.populate_seconds = time.monotonic() - t0
+        self._ready.set()
+        log.info("staging arena ready: %.0f MiB populated in %.2f s", self.nbytes / 2**20, self.populate_seconds)
+
+    @property
+    def ready(self) -> bool:
+        """Whether the whole arena is populated."""
+        return self._ready.is_set()
+
+    @property
+    def populated(self) -> int:
+        """Bytes populated so far (available to hand out)."""
+        return self._populated
+
+    async def wait_ready(self) -> float:
+        """Wait until the whole arena is populated; return the seconds population took."""
+        if not self._ready.is_set():
+            await asyncio.to_thread(self._ready.wait)
+        assert self.populate_seconds is not None
+        return self.populate_seconds
+
+    # --- hand-out ----------------------------------------------------------------------------------------
+    @property
+    def free_bytes(self) -> int:
+        with self._lock:
+            return self._alloc.free_bytes
+
+    def contains(self, addr: int, n: int) -> bool:
+        """Whether ``[addr, addr + n)`` lies inside the arena (e.g. memory registered as fixed buffers)."""
+        return self.address <= addr and addr + n <= self.address + self.nbytes
+
+    def try_empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+        """A tensor from populated arena memory, or ``None`` if none is free now (never blocks)."""
+        n = _nbytes(shape, dtype)
+        if n == 0:
+            return torch.empty(shape, dtype=dtype)
+        with self._lock:
+            off = self._alloc.alloc(n)
+        if off is None:
+            return None
+        self.acquired += 1
+        holder = (ctypes.c_char * n).from_buffer(self._buf, off)
+        weakref.finalize(holder, self._give_back, off, n)
+        return torch.frombuffer(holder, dtype=torch.uint8).view(dtype).view(shape)
+
+    async def acquire(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A tensor from the arena, waiting for memory to come back when it is exhausted.
+
+        A request larger than the whole arena cannot ever fit: it is served from a fresh aligned mapping,
+        counted in ``oversize`` and logged once.
+        """
+        n = _nbytes(shape, dtype)
+        if -(-n // HUGE_PAGE) * HUGE_PAGE > self.nbytes:
+            self.oversize += 1
+            if not self._warned_oversize:
+                self._warned_oversize = True
+                log.warning(
+                    "a %d MiB result exceeds the %d MiB staging arena: served from fresh memory (slow first "
+                    "touch); raise PoolConfig.staging_bytes or restore with get_into/stream",
+                    n >> 20, self.nbytes >> 20,
+                )
+            return aligned_empty(shape, dtype)
+        while True:
+            t = self.try_empty(shape, dtype)
+            if t is not None:
+                return t
+            loop = asyncio.get_running_loop()
+            fut: asyncio.Future[None] = loop.create_future()
+            with self._lock:
+                self._waiters.append((loop, fut))
+            self.waits += 1
+            # memory may have come back between the failed try and registering: try once more before waiting
+            t = self.try_empty(shape, dtype)
+            if t is not None:
+                with self._lock:
+                    if (loop, fut) in self._waiters:
+                        self._waiters.remove((loop, fut))
+                return t
+            await fut
+
+    def _give_back(self, off: int, n: int) -> None:
+        with self._lock:
+            self._alloc.free(off, n)
+        self._wake()
+
+    def _wake(self) -> None:
+        with self._lock:
+            waiters, self._waiters = self._waiters, []
+        for loop, fut in waiters:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(_resolve, fut)
+
+    def close(self) -> None:
+        """Stop populating; the mapping itself lives until the last tensor over it is dropped."""
+        self._closed = True
+
+    def stats(self) -> dict[str, object]:
+        return {
+            "bytes": self.nbytes,
+            "populated": self._populated,
+            "free": self.free_bytes,
+            "ready": self.ready,
+            "populate_seconds": self.populate_seconds,
+            "acquired": self.acquired,
+            "waits": self.waits,
+            "oversize": self.oversize,
+        }
+
+    def __repr__(self) -> str:
+        return (f"StagingArena({self.nbytes >> 20} MiB, populated {self._populated >> 20} MiB, "
+                f"free {self.free_bytes >> 20} MiB)")
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)

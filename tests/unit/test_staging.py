@@ -1,0 +1,91 @@
+"""StagingArena: memory is populated before it is handed out, comes back when dropped, and back-pressures."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import threading
+
+import pytest
+import torch
+
+from kvpool.storage.staging import StagingArena
+
+MiB = 1 << 20
+
+
+def _rss_anon() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+async def test_ready_and_populated_before_use() -> None:
+    before = _rss_anon()
+    a = StagingArena(64 * MiB)
+    await a.wait_ready()
+    assert a.ready and a.populated == 64 * MiB
+    # populated: resident before anything is handed out (so no request pays the faults)
+    assert _rss_anon() - before >= 60 * MiB
+    t = await a.acquire((16 * MiB,), torch.uint8)
+    assert a.contains(t.data_ptr(), t.numel())
+    grown = _rss_anon()
+    t.fill_(7)
+    assert _rss_anon() - grown < 4 * MiB  # writing it faulted nothing new in
+    assert int(t[123]) == 7
+
+
+async def test_handed_out_memory_is_disjoint_and_returns() -> None:
+    a = StagingArena(8 * MiB)
+    await a.wait_ready()
+    x = await a.acquire((2 * MiB,), torch.uint8)
+    y = await a.acquire((3 * MiB,), torch.uint8)
+    assert x.data_ptr() + x.numel() <= y.data_ptr() or y.data_ptr() + y.numel() <= x.data_ptr()
+    assert a.free_bytes == 8 * MiB - 2 * MiB - 4 * MiB  # 2 MiB granules
+    v = y[10:20]  # a view keeps the memory
+    del y
+    gc.collect()
+    assert a.free_bytes == 2 * MiB
+    del v
+    gc.collect()
+    assert a.free_bytes == 6 * MiB
+    del x
+    gc.collect()
+    assert a.free_bytes == 8 * MiB
+
+
+async def test_back_pressure_waits_for_a_drop_from_another_thread() -> None:
+    a = StagingArena(4 * MiB)
+    await a.wait_ready()
+    held = [await a.acquire((4 * MiB,), torch.uint8)]
+    waiter = asyncio.ensure_future(a.acquire((2 * MiB,), torch.uint8))
+    await asyncio.sleep(0.05)
+    assert not waiter.done()  # exhausted: it waits, it does not allocate
+    threading.Thread(target=lambda: (held.pop(), gc.collect())).start()
+    t = await asyncio.wait_for(waiter, 5)
+    assert a.contains(t.data_ptr(), t.numel())
+    assert a.waits >= 1 and a.oversize == 0
+
+
+async def test_oversize_request_is_counted_not_deadlocked() -> None:
+    a = StagingArena(2 * MiB)
+    await a.wait_ready()
+    t = await a.acquire((3 * MiB,), torch.uint8)
+    assert t.numel() == 3 * MiB and not a.contains(t.data_ptr(), t.numel())
+    assert a.oversize == 1
+
+
+async def test_dtype_and_shape() -> None:
+    a = StagingArena(4 * MiB)
+    await a.wait_ready()
+    t = await a.acquire((2, 3, 64, 1024), torch.bfloat16)
+    assert t.shape == (2, 3, 64, 1024) and t.dtype == torch.bfloat16 and t.is_contiguous()
+    assert t.data_ptr() % 4096 == 0
+    assert (await a.acquire((0,), torch.float32)).numel() == 0
+
+
+def test_bad_size() -> None:
+    with pytest.raises(ValueError):
+        StagingArena(0)
