@@ -112,6 +112,11 @@ def _write_policy(_i: Any, _a: Any, v: str) -> None:
         raise ConfigError(f"write_policy must be 'write-through' or 'write-back', got {v!r}")
 
 
+def _positive(_i: Any, a: Any, v: int) -> None:
+    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        raise ConfigError(f"{a.name} must be a positive number of bytes, got {v!r}")
+
+
 @attrs.frozen
 class PoolConfig:
     """Pool-wide options (everything but the layout and the backends).
@@ -128,9 +133,16 @@ class PoolConfig:
     io_max_inflight, io_max_inflight_bytes, io_background_inflight, io_op_bytes
         Per-tier I/O scheduler: operations and bytes in flight, how many of them may be background work (prefetch,
         promotion, write-back), and the size batches are cut into (see :mod:`kvpool.pool.scheduler`).
-    result_cache_bytes
-        Memory kept for the tensors :meth:`KVPool.get` and :meth:`KVPool.stream` return, reused once the caller
-        drops them (fresh memory costs the kernel more than an SSD read of it); 0 disables.
+    staging_bytes
+        The pool's own host memory (:class:`~kvpool.storage.staging.StagingArena`): allocated and populated
+        (huge pages where the kernel gives them) right after open, page-locked once when CUDA is present, and
+        reused for the tensors :meth:`KVPool.get`/:meth:`KVPool.stream` return, :meth:`KVPool.empty`, and
+        promotion/write-back copies, so no request pays first-touch page faults. ``None`` (default): 16 chunks
+        of the layout, at least 64 MiB and at most 1 GiB. Size it to the bytes of results callers hold at once.
+    staging_wait_s
+        How long a request waits for staging memory that other callers still hold before it is served from
+        fresh memory instead (counted as ``staging_fallbacks``; a deadlock guard for callers that hold results
+        while they ask for more).
     promotion
         Admission for those copies: ``second-hit`` (default) promotes a chunk the second time it is read
         from below within a recent window, so a one-off scan does not flood the fast tier; ``always``.
@@ -139,7 +151,8 @@ class PoolConfig:
     namespace: str = ""
     write_policy: str = attrs.field(default="write-through", validator=_write_policy)
     promote_on_hit: bool = True
-    result_cache_bytes: int = 2 << 30
+    staging_bytes: int | None = attrs.field(default=None, validator=attrs.validators.optional(_positive))
+    staging_wait_s: float = 1.0
     io_max_inflight: int = 32
     io_max_inflight_bytes: int = 256 << 20
     io_background_inflight: int = 1

@@ -23,7 +23,8 @@ from ..errors import ConfigError, KVPoolError, LayoutError, PoolClosedError, Res
 from ..keys import PrefixHasher, as_token_array
 from ..layout import KVLayout
 from ..storage.backend import Backend, ReadRequest
-from ..storage.buffers import RecyclingArena, aligned_empty
+from ..storage.buffers import aligned_empty
+from ..storage.staging import StagingArena, default_staging_bytes
 from ..storage.registry import backend_from_spec
 from ..striped.backend import StripedBackend
 from .paged import put_paged, restore_paged
@@ -111,9 +112,11 @@ class KVPool:
         }
         self._opened_at = time.time()
         self._admission = _Admission()
-        # results feed host-to-device copies: page-lock each arena segment once (a no-op without CUDA)
-        self._results = RecyclingArena(
-            config.result_cache_bytes, on_new_segment=register_host_memory if torch.cuda.is_available() else None
+        # The pool's own host memory, populated now (in a background thread) rather than on a request's data
+        # path; results feed host-to-device copies, so it is page-locked once when CUDA is present.
+        self._staging = StagingArena(
+            config.staging_bytes or default_staging_bytes(layout),
+            on_ready=register_host_memory if torch.cuda.is_available() else None,
         )
         # chunk key -> background move (prefetch) in flight; a restore of that key waits for it
         self._moving: dict[bytes, asyncio.Future[None]] = {}
@@ -168,6 +171,7 @@ class KVPool:
             return
         await self._drain_background()
         self._closed = True
+        self._staging.close()
         errors: list[BaseException] = []
         for t in self.tiers:
             try:
@@ -208,6 +212,29 @@ class KVPool:
             raise PoolClosedError("the pool is closed")
 
     # --- keys --------------------------------------------------------------------------------------------
+    async def ready(self) -> float:
+        """Wait until the pool's staging memory is populated (``open`` returns before); return the seconds that
+        took. Requests made earlier are served, from the part already populated."""
+        return await self._staging.wait_ready()
+
+    def empty(self, tokens_or_n: Any) -> torch.Tensor:
+        """An uninitialised ``[L, 2, T, H, D]`` tensor in the pool's staging memory, for zero-copy :meth:`get_into`.
+
+        ``tokens_or_n`` is a token count or the tokens themselves (``T = len(tokens)``). The memory is
+        populated, aligned for direct I/O and page-locked when CUDA is present; it returns to the pool when the
+        tensor (and every view of it) is dropped. When the staging memory is all in use, the tensor is an
+        aligned huge-page allocation instead (still direct-readable, counted as a staging fallback).
+        """
+        n = tokens_or_n if isinstance(tokens_or_n, int) and not isinstance(tokens_or_n, bool) else len(tokens_or_n)
+        if n < 0:
+            raise ValueError(f"a tensor for {n} tokens?")
+        shape = self.layout.kv_shape(n)
+        t = self._staging.try_empty(shape, self.layout.dtype)
+        if t is None:
+            self._staging.fallbacks += 1
+            t = aligned_empty(shape, self.layout.dtype)
+        return t
+
     def keys_for(self, tokens: Any, max_chunks: int | None = None) -> list[bytes]:
         """The chunk keys of ``tokens`` (one per full chunk)."""
         return self._hasher.keys(tokens, max_chunks)
@@ -311,7 +338,7 @@ class KVPool:
         return len(where) * self.layout.chunk_tokens
 
     async def _move_up(self, todo: list[tuple[bytes, int]], futs: dict[bytes, asyncio.Future[None]]) -> None:
-        buf = aligned_empty((self.layout.chunk_nbytes,), torch.uint8)
+        buf = await self._staging.acquire((self.layout.chunk_nbytes,), torch.uint8, wait_s=self.config.staging_wait_s)
         prio = io_class(Priority.PREFETCH)
         prio.__enter__()
         try:
@@ -384,7 +411,8 @@ class KVPool:
         keys = self._hasher.keys(tokens)
         await self._join_moves(keys)
         where = await self._locate(keys)
-        out = self._results.empty(self.layout.kv_shape(len(where) * self.layout.chunk_tokens), self.layout.dtype)
+        out = await self._staging.acquire(self.layout.kv_shape(len(where) * self.layout.chunk_tokens),
+                                          self.layout.dtype, wait_s=self.config.staging_wait_s)
         n = await self._read_chunks(keys, where, out)
         self._account(len(keys), n)
         if n < out.shape[2]:
@@ -441,7 +469,7 @@ class KVPool:
         step = layer_time if layer_time is not None else 1e-6  # without an estimate: layer order
 
         async def read_layer(layer: int) -> torch.Tensor:
-            x = self._results.empty(shape, self.layout.dtype)
+            x = await self._staging.acquire(shape, self.layout.dtype, wait_s=self.config.staging_wait_s)
             off = self.layout.layer_offset(layer)
             with io_class(Priority.FOREGROUND, start + layer * step):
                 ok = await self._read_views(
@@ -499,6 +527,7 @@ class KVPool:
                 "chunk_bytes": self.layout.chunk_nbytes,
             },
             **self._counters,
+            "staging": self._staging.stats(),
             "tiers": [{**t.stats(), "io": io.stats()} for t, io in zip(self.tiers, self._io)],
         }
 
@@ -555,7 +584,7 @@ class KVPool:
     async def _write_back(self, keys: list[bytes]) -> None:
         """Copy chunks from the first tier to the lower ones, in the background (write-back mode)."""
         top = self._io[0]
-        buf = aligned_empty((self.layout.chunk_nbytes,), torch.uint8)
+        buf = await self._staging.acquire((self.layout.chunk_nbytes,), torch.uint8, wait_s=self.config.staging_wait_s)
         with io_class(Priority.WRITE_BACK):
             await self._write_back_keys(keys, top, buf)
 

@@ -9,9 +9,11 @@ kernel serves a huge page at a time), optionally page-locked once for CUDA, and 
 
 - only memory that is already populated is handed out, so no request pays first-touch faults;
 - a tensor handed out comes back when the caller drops it (a finalizer, from whichever thread drops it);
-- when the arena is exhausted, :meth:`acquire` waits for memory to come back (back-pressure); it never
-  allocates fresh memory. Only a request larger than the whole arena is served from a fresh aligned mapping,
-  and that is counted (``oversize``) and logged once, naming the setting to raise.
+- when the arena is exhausted, :meth:`acquire` waits for memory to come back (back-pressure). Two cases
+  are served from a fresh aligned mapping instead, each counted and logged once naming the setting to raise:
+  a request larger than the whole arena (``oversize``: it could never fit), and a wait longer than
+  ``wait_s`` (``fallbacks``: the guard against a caller that holds results while it asks for more, which
+  would otherwise wait for itself forever).
 """
 
 from __future__ import annotations
@@ -29,10 +31,11 @@ from typing import Final
 
 import torch
 
+from ..layout import KVLayout
 from .allocator import ExtentAllocator
 from .buffers import HUGE_PAGE, aligned_empty, alloc_aligned
 
-__all__ = ["StagingArena"]
+__all__ = ["StagingArena", "default_staging_bytes"]
 
 log = logging.getLogger("kvpool.staging")
 
@@ -42,6 +45,12 @@ _STEP: Final = 64 << 20  # populated (and made available) this much at a time
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _libc.madvise.restype = ctypes.c_int
+
+
+def default_staging_bytes(layout: KVLayout) -> int:
+    """16 chunks of ``layout``, at least 64 MiB and at most 1 GiB, in 2 MiB units."""
+    n = min(1 << 30, max(64 << 20, 16 * layout.chunk_nbytes))
+    return -(-n // HUGE_PAGE) * HUGE_PAGE
 
 
 def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
@@ -84,7 +93,8 @@ class StagingArena:
         self.acquired = 0
         self.waits = 0
         self.oversize = 0
-        self._warned_oversize = False
+        self.fallbacks = 0
+        self._warned: set[str] = set()
         self._thread = threading.Thread(target=self._populate, name="kvpool-staging", daemon=True)
         self._thread.start()
 
@@ -156,23 +166,35 @@ class StagingArena:
         weakref.finalize(holder, self._give_back, off, n)
         return torch.frombuffer(holder, dtype=torch.uint8).view(dtype).view(shape)
 
-    async def acquire(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    async def acquire(self, shape: tuple[int, ...], dtype: torch.dtype, *, wait_s: float | None = None) -> torch.Tensor:
         """A tensor from the arena, waiting for memory to come back when it is exhausted.
 
-        A request larger than the whole arena cannot ever fit: it is served from a fresh aligned mapping,
-        counted in ``oversize`` and logged once.
+        A request larger than the whole arena cannot ever fit, and one that waited ``wait_s`` seconds
+        (``None``: forever) in vain: both are served from a fresh aligned mapping, counted (``oversize``,
+        ``fallbacks``) and logged once.
         """
         n = _nbytes(shape, dtype)
         if -(-n // HUGE_PAGE) * HUGE_PAGE > self.nbytes:
             self.oversize += 1
-            if not self._warned_oversize:
-                self._warned_oversize = True
-                log.warning(
-                    "a %d MiB result exceeds the %d MiB staging arena: served from fresh memory (slow first "
-                    "touch); raise PoolConfig.staging_bytes or restore with get_into/stream",
-                    n >> 20, self.nbytes >> 20,
-                )
+            self._warn_once("oversize", f"a {n >> 20} MiB request exceeds the {self.nbytes >> 20} MiB staging arena")
             return aligned_empty(shape, dtype)
+        if wait_s is None:
+            return await self._acquire(shape, dtype)
+        try:
+            return await asyncio.wait_for(self._acquire(shape, dtype), wait_s)
+        except TimeoutError:
+            self.fallbacks += 1
+            self._warn_once("fallback", f"no {n >> 20} MiB of the {self.nbytes >> 20} MiB staging arena came back "
+                            f"within {wait_s:g} s (callers hold their results)")
+            return aligned_empty(shape, dtype)
+
+    def _warn_once(self, what: str, msg: str) -> None:
+        if what not in self._warned:
+            self._warned.add(what)
+            log.warning("%s: served from fresh memory (slow first touch); raise PoolConfig.staging_bytes or "
+                        "restore with get_into/stream into memory you keep", msg)
+
+    async def _acquire(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         while True:
             t = self.try_empty(shape, dtype)
             if t is not None:
@@ -189,7 +211,13 @@ class StagingArena:
                     if (loop, fut) in self._waiters:
                         self._waiters.remove((loop, fut))
                 return t
-            await fut
+            try:
+                await fut
+            except asyncio.CancelledError:
+                with self._lock:
+                    if (loop, fut) in self._waiters:
+                        self._waiters.remove((loop, fut))
+                raise
 
     def _give_back(self, off: int, n: int) -> None:
         with self._lock:
@@ -217,6 +245,7 @@ class StagingArena:
             "acquired": self.acquired,
             "waits": self.waits,
             "oversize": self.oversize,
+            "fallbacks": self.fallbacks,
         }
 
     def __repr__(self) -> str:

@@ -89,3 +89,25 @@ async def test_dtype_and_shape() -> None:
 def test_bad_size() -> None:
     with pytest.raises(ValueError):
         StagingArena(0)
+
+
+async def test_a_wait_that_would_deadlock_falls_back_and_counts() -> None:
+    a = StagingArena(2 * MiB)
+    await a.wait_ready()
+    held = await a.acquire((2 * MiB,), torch.uint8)  # the caller keeps it while asking for more
+    t = await a.acquire((MiB,), torch.uint8, wait_s=0.05)
+    assert not a.contains(t.data_ptr(), t.numel()) and a.fallbacks == 1
+    assert held.numel() == 2 * MiB
+
+
+async def test_cancelled_wait_leaves_no_waiter() -> None:
+    a = StagingArena(2 * MiB)
+    await a.wait_ready()
+    held = await a.acquire((2 * MiB,), torch.uint8)
+    w = asyncio.ensure_future(a.acquire((MiB,), torch.uint8))
+    await asyncio.sleep(0.01)
+    w.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await w
+    assert not a._waiters
+    del held
