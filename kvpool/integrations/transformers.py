@@ -324,6 +324,22 @@ def _accepts(fn: Any, name: str) -> bool:
         return False
 
 
+def _cache_argument(model: Any) -> str:
+    """The forward's name for the KV cache: ``cache`` since transformers 5.20 (``past_key_values`` warns there and
+    goes away in 5.40), ``past_key_values`` before (vLLM pins 5.16-5.19)."""
+    return "cache" if _accepts(model.forward, "cache") else "past_key_values"
+
+
+def _output_cache(out: Any) -> Any:
+    """The cache a forward returned, under either name (a ``ModelOutput`` holds only the fields that are set)."""
+    keys = out.keys() if hasattr(out, "keys") else ()
+    if "cache" in keys:
+        return out["cache"]
+    if "past_key_values" in keys:
+        return out["past_key_values"]
+    return None
+
+
 def _model_device_dtype(model: Any) -> tuple[torch.device, torch.dtype]:
     for p in model.parameters():
         if p.is_floating_point():
@@ -348,7 +364,7 @@ def _run_forward(
     positions = torch.arange(start, n, device=device)
     kwargs: dict[str, Any] = {
         "input_ids": ids[start:].unsqueeze(0).to(device),
-        "past_key_values": cache,
+        _cache_argument(model): cache,
         "position_ids": positions.unsqueeze(0),
         "use_cache": True,
     }
@@ -358,7 +374,7 @@ def _run_forward(
         kwargs["cache_position"] = positions
     with torch.no_grad():  # grad mode is per thread: set it in the thread that runs the model
         out = model(**kwargs)
-    return out.logits[0], out.past_key_values, time.perf_counter() - t0
+    return out.logits[0], _output_cache(out), time.perf_counter() - t0
 
 
 async def _join_thread(fut: asyncio.Future[_T]) -> _T:
