@@ -20,6 +20,8 @@ import torch
 from .errors import PoolClosedError
 from .layout import KVLayout
 from .pool.facade import KVPool
+from .pool.opening import Opening
+from .types import PoolStats, Tokens
 
 __all__ = ["SyncPool"]
 
@@ -71,7 +73,7 @@ class SyncPool:
 
     # --- construction ------------------------------------------------------------------------------------
     @classmethod
-    def _start(cls, make: Callable[[], Awaitable[KVPool]]) -> SyncPool:
+    def _start(cls, make: Callable[[], Opening[KVPool] | Awaitable[KVPool]]) -> SyncPool:
         lt = _LoopThread("kvpool-loop")
 
         async def build() -> KVPool:
@@ -103,7 +105,7 @@ class SyncPool:
     @classmethod
     def from_config(cls, source: Any, **overrides: Any) -> SyncPool:
         """Open a pool from a config file or mapping; see :meth:`KVPool.from_config`."""
-        return cls._start(lambda: KVPool.from_config(source, **overrides))  # type: ignore[attr-defined]
+        return cls._start(lambda: KVPool.from_config(source, **overrides))
 
     # --- plumbing ----------------------------------------------------------------------------------------
     @property
@@ -146,31 +148,31 @@ class SyncPool:
     def closed(self) -> bool:
         return self._pool.closed
 
-    def keys_for(self, tokens: Any, max_chunks: int | None = None) -> list[bytes]:
+    def keys_for(self, tokens: Tokens, max_chunks: int | None = None) -> list[bytes]:
         """The chunk keys of ``tokens`` (pure: no I/O)."""
         return self._pool.keys_for(tokens, max_chunks)
 
-    def put(self, tokens: Any, kv: Any) -> int:
+    def put(self, tokens: Tokens, kv: Any) -> int:
         """See :meth:`KVPool.put`."""
         return self._call(self._pool.put(tokens, kv))
 
-    def lookup(self, tokens: Any) -> int:
+    def lookup(self, tokens: Tokens) -> int:
         """See :meth:`KVPool.lookup`."""
         return self._call(self._pool.lookup(tokens))
 
-    def get(self, tokens: Any) -> torch.Tensor:
+    def get(self, tokens: Tokens) -> torch.Tensor:
         """See :meth:`KVPool.get`."""
         return self._call(self._pool.get(tokens))
 
-    def get_into(self, tokens: Any, out: Any) -> int:
+    def get_into(self, tokens: Tokens, out: Any) -> int:
         """See :meth:`KVPool.get_into`."""
         return self._call(self._pool.get_into(tokens, out))
 
-    def prefetch(self, tokens: Any) -> int:
+    def prefetch(self, tokens: Tokens) -> int:
         """See :meth:`KVPool.prefetch`."""
         return self._call(self._pool.prefetch(tokens))
 
-    def delete(self, tokens: Any) -> int:
+    def delete(self, tokens: Tokens) -> int:
         """See :meth:`KVPool.delete`."""
         return self._call(self._pool.delete(tokens))
 
@@ -178,10 +180,10 @@ class SyncPool:
         """See :meth:`KVPool.flush`."""
         self._call(self._pool.flush())
 
-    def stats(self) -> Any:
+    def stats(self) -> PoolStats:
         """See :meth:`KVPool.stats` (read on the loop, so counters are consistent)."""
 
-        async def read() -> Any:
+        async def read() -> PoolStats:
             return self._pool.stats()
 
         return self._call(read())
