@@ -48,10 +48,14 @@ def as_token_array(tokens: Any) -> np.ndarray[Any, np.dtype[np.uint32]]:
         arr = tokens
     elif isinstance(tokens, (str, bytes, bytearray)):
         raise TypeError(f"tokens must be a sequence of ints, got {type(tokens).__name__}")
-    elif isinstance(tokens, Sequence) or hasattr(tokens, "__iter__"):
-        seq = tokens if isinstance(tokens, Sequence) else list(tokens)
+    elif isinstance(tokens, Sequence):
+        # Only ordered, re-readable containers: a set has no token order and a generator would be consumed
+        # by the first of the several passes a call makes over its tokens.
+        seq = tokens
         if len(seq) == 0:
             return np.empty(0, dtype="<u4")
+        if bool in map(type, seq):  # numpy would silently turn True into 1
+            raise TypeError("tokens must be ints, got a bool among them")
         try:
             arr = np.asarray(seq)
         except (ValueError, OverflowError) as exc:
@@ -65,7 +69,9 @@ def as_token_array(tokens: Any) -> np.ndarray[Any, np.dtype[np.uint32]]:
                 raise ValueError("tokens must be non-negative")
             raise ValueError(f"tokens must be < 2**32, got {max(seq)}")
     else:
-        raise TypeError(f"tokens must be a sequence of ints or a 1-D integer array, got {type(tokens).__name__}")
+        raise TypeError(
+            f"tokens must be a sequence of ints (list, tuple) or a 1-D integer array, got {type(tokens).__name__}"
+        )
     if arr.ndim != 1:
         raise TypeError(f"tokens must be 1-D, got shape {arr.shape}")
     if arr.size == 0:

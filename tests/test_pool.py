@@ -230,13 +230,15 @@ async def test_two_tiers_spill_and_promote() -> None:
     small, big = DRAMBackend(2 * LAYOUT.chunk_nbytes), DRAMBackend(16 * LAYOUT.chunk_nbytes)
     async with await KVPool.open(layout=LAYOUT, model_id="m", backends=[small, big]) as pool:
         t, kv = toks(64), make_kv(64)
-        await pool.put(t, kv)  # write-through: all 4 chunks in big, the last 2 in small
+        await pool.put(t, kv)  # write-through: all 4 chunks in big, the first 2 (all that fit) in small
         assert len(small) == 2 and len(big) == 4
         got = await pool.get(t)
         assert torch.equal(got, kv)
+        await pool.flush()
         assert pool.stats()["promotions"] == 0  # second-hit admission: one read from below is no reason
         got = await pool.get(t)
         assert torch.equal(got, kv)
+        await pool.flush()  # promotion runs after get returned, in the background: flush waits for it
         assert pool.stats()["promotions"] >= 2
 
 
@@ -313,6 +315,7 @@ async def test_promotion_always_config() -> None:
         for k in pool.keys_for(t):
             await small.delete(k)
         await pool.get(t)
+        await pool.flush()  # promotions run in the background after get returned
         assert pool.stats()["promotions"] == 4
 
 

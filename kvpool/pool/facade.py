@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -22,13 +21,20 @@ from ..cuda.paged_kv import PagedKV
 from ..errors import ConfigError, KVPoolError, LayoutError, PoolClosedError, RestoreError
 from ..keys import PrefixHasher, as_token_array
 from ..layout import KVLayout
-from ..storage.backend import Backend, ReadRequest
+from ..storage.backend import Backend
 from ..storage.buffers import aligned_empty
 from ..storage.staging import StagingArena, default_staging_bytes
 from ..storage.registry import backend_from_spec
 from ..striped.backend import StripedBackend
+from .background import Background
+from .calls import CallGate, in_flight
+from .inputs import check_config, check_device
 from .paged import put_paged, restore_paged
-from .scheduler import Priority, TierScheduler, io_class
+from .scheduler import Priority, io_class
+from .tiers import TierSet
+from ..types import PoolStats, Tokens
+from .observe import describe_tiers, log_open, timed, timed_stream
+from .opening import Opening
 
 __all__ = ["KVPool"]
 
@@ -43,24 +49,6 @@ def _tier_from_spec(spec: Any) -> Backend:
         striped: Backend = StripedBackend.from_specs(list(spec))
         return striped
     return backend_from_spec(spec)
-
-
-class _Admission:
-    """Second-hit admission for promotions: a chunk is copied up only when it was read from a lower tier
-    before, recently. A one-off scan of cold prefixes then never floods the fast tier."""
-
-    def __init__(self, size: int = 65536) -> None:
-        self._seen: OrderedDict[bytes, None] = OrderedDict()
-        self._size = size
-
-    def admit(self, key: bytes) -> bool:
-        if key in self._seen:
-            del self._seen[key]
-            return True
-        self._seen[key] = None
-        if len(self._seen) > self._size:
-            self._seen.popitem(last=False)
-        return False
 
 
 class KVPool:
@@ -85,13 +73,10 @@ class KVPool:
         self.model_id = model_id
         self.config = config
         self.tiers: list[Backend] = list(tiers)
-        # every data call to a tier goes through its scheduler (priorities, deadlines, queue depth)
-        self._io = [
-            TierScheduler(t, max_inflight=config.io_max_inflight, max_inflight_bytes=config.io_max_inflight_bytes,
-                          background_inflight=config.io_background_inflight,
-                          op_bytes=config.io_op_bytes)
-            for t in self.tiers
-        ]
+        # locate, read with fallback, store across tiers; every data call goes through a tier's scheduler
+        self._tiers = TierSet(self.tiers, config)
+        self._io = self._tiers.io
+        self._gate = CallGate()  # close() waits for the calls in flight
         self._hasher = PrefixHasher(model_id, layout.fingerprint, layout.chunk_tokens, config.namespace)
         self._closed = False
         self._counters: dict[str, int] = {
@@ -111,29 +96,68 @@ class KVPool:
             "attention_observations": 0,
         }
         self._opened_at = time.time()
-        self._admission = _Admission()
         # The pool's own host memory, populated now (in a background thread) rather than on a request's data
         # path; results feed host-to-device copies, so it is page-locked once when CUDA is present.
         self._staging = StagingArena(
             config.staging_bytes or default_staging_bytes(layout),
             on_ready=register_host_memory if torch.cuda.is_available() else None,
         )
-        # chunk key -> background move (prefetch) in flight; a restore of that key waits for it
-        self._moving: dict[bytes, asyncio.Future[None]] = {}
-        self._background: set[asyncio.Task[None]] = set()
+        # write-back, promotion and prefetch, each bounded in bytes
+        self._bg = Background(self._tiers, layout.chunk_nbytes, config, self._counters, self._chunk_buffer)
 
     # --- lifecycle ---------------------------------------------------------------------------------------
     @classmethod
-    async def open(
+    def open(
         cls,
         *,
         layout: KVLayout,
         model_id: str,
-        backends: Sequence[str | Backend],
+        backends: Sequence[str | Backend | Sequence[str | Backend]],
+        namespace: str = "",
+        config: PoolConfig | dict[str, Any] | None = None,
+    ) -> Opening[KVPool]:
+        """Open the backends (fastest tier first): ``pool = await KVPool.open(...)`` or
+        ``async with KVPool.open(...) as pool:`` (closed on exit).
+
+        A list inside ``backends`` is one tier striped over its members. ``config`` holds the pool options
+        (:class:`~kvpool.PoolConfig` or a mapping of its fields, e.g. ``{"write_policy": "write-back"}``).
+
+        Raises
+        ------
+        ConfigError
+            For a bad spec string, an unknown scheme (the message lists the known ones) or no backends.
+        """
+        return Opening(lambda: cls._open(layout=layout, model_id=model_id, backends=backends,
+                                         namespace=namespace, config=config))
+
+    @classmethod
+    def from_config(cls, source: Any = None, **overrides: Any) -> Opening[KVPool]:
+        """Open a pool from a TOML/YAML file, a mapping, or ``KVPOOL_*`` environment variables.
+
+        ``pool = await KVPool.from_config("kvpool.toml")`` or ``async with KVPool.from_config(...) as pool:``.
+        ``source`` and the schema are described in :func:`kvpool.config.load_settings` and
+        docs/configuration.md; ``KVPOOL_*`` variables override the file, ``overrides`` (any key of the schema,
+        e.g. ``model_id=``) override both. Errors in the settings raise :class:`~kvpool.ConfigError` before
+        any tier opens.
+        """
+        from ..config import load_settings
+
+        s = load_settings(source, **overrides)
+        return cls.open(layout=s.layout, model_id=s.model_id, backends=[list(b) if isinstance(b, tuple) else b
+                                                                         for b in s.backends],
+                        config=s.config)
+
+    @classmethod
+    async def _open(
+        cls,
+        *,
+        layout: KVLayout,
+        model_id: str,
+        backends: Sequence[str | Backend | Sequence[str | Backend]],
         namespace: str = "",
         config: PoolConfig | dict[str, Any] | None = None,
     ) -> KVPool:
-        """Open the backends (fastest tier first) and return a ready pool.
+        """Open the backends (fastest tier first) and return a ready pool (see :meth:`open`).
 
         Raises
         ------
@@ -153,23 +177,34 @@ class KVPool:
             import attrs
 
             config = attrs.evolve(config, namespace=namespace)
+        t_open = time.perf_counter()
+        check_config(config)  # before any tier holds a lock, a ring or a connection
         tiers = [_tier_from_spec(b) for b in backends]
         opened: list[Backend] = []
         try:
             for t in tiers:
                 await t.open()
                 opened.append(t)
+            pool = cls(layout, model_id, tiers, config)
+            log_open(pool, time.perf_counter() - t_open)
+            return pool
         except BaseException:
+            # whatever failed after a tier opened: close every tier this call opened, then report
             for t in reversed(opened):
-                await t.close()
+                try:
+                    await t.close()
+                except Exception:  # noqa: BLE001 - the original error is the one to report
+                    pass
             raise
-        return cls(layout, model_id, tiers, config)
 
     async def close(self) -> None:
         """Close every tier. Idempotent."""
         if self._closed:
             return
-        await self._drain_background()
+        # refuse new calls, let those in flight finish, then the background work, then the tiers
+        self._gate.closing = True
+        await self._gate.wait_idle()
+        await self._bg.drain()
         self._closed = True
         self._staging.close()
         errors: list[BaseException] = []
@@ -182,17 +217,6 @@ class KVPool:
             raise errors[0]
 
     aclose = close
-
-    def _spawn(self, coro: Any) -> asyncio.Task[None]:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-        return task
-
-    async def _drain_background(self) -> None:
-        """Wait for prefetches and write-backs (they are part of what flush/close promise)."""
-        while self._background:
-            await asyncio.gather(*list(self._background), return_exceptions=True)
 
     async def __aenter__(self) -> KVPool:
         self._check_open()
@@ -208,7 +232,7 @@ class KVPool:
         return self._closed
 
     def _check_open(self) -> None:
-        if self._closed:
+        if self._closed or self._gate.closing:
             raise PoolClosedError("the pool is closed")
 
     # --- keys --------------------------------------------------------------------------------------------
@@ -235,41 +259,40 @@ class KVPool:
             t = aligned_empty(shape, self.layout.dtype)
         return t
 
-    def keys_for(self, tokens: Any, max_chunks: int | None = None) -> list[bytes]:
+    def keys_for(self, tokens: Tokens, max_chunks: int | None = None) -> list[bytes]:
         """The chunk keys of ``tokens`` (one per full chunk)."""
         return self._hasher.keys(tokens, max_chunks)
 
     async def _locate(self, keys: list[bytes]) -> list[int]:
-        """For the longest prefix of ``keys`` held somewhere: the index of the fastest tier holding each."""
-        if not keys:
-            return []
-        where: list[int] = []
-        remaining = keys
-        # Ask the fastest tier first; only the keys it lacks go further down.
-        found: list[list[bool]] = []
-        for tier in self.tiers:
-            found.append(await tier.contains_many(remaining) if remaining else [])
-        for i in range(len(keys)):
-            for t, f in enumerate(found):
-                if f[i]:
-                    where.append(t)
-                    break
-            else:
-                break
-        return where
+        """For the longest prefix of ``keys`` held somewhere: the index of the fastest tier holding each
+        (see :meth:`TierSet.locate`: a lower tier is asked only about the keys the tiers above lack)."""
+        return await self._tiers.locate(keys) if keys else []
 
     # --- API ---------------------------------------------------------------------------------------------
-    async def put(self, tokens: Any, kv: torch.Tensor | PagedKV) -> int:
+    @in_flight
+    @timed("put")
+    async def put(self, tokens: Tokens, kv: torch.Tensor | PagedKV) -> int:
         """Store the KV of every full chunk of ``tokens``; return the number of tokens now stored.
 
         ``kv`` is ``[num_layers, 2, len(tokens), num_kv_heads, head_dim]``. A trailing partial chunk is
-        ignored; chunks already stored are not written again. If a write fails, the chunks this call wrote
-        are removed again and the error propagates: the pool is as it was.
+        ignored; chunks already stored are not written again. Each chunk goes to every tier that can take it
+        (write-through; write-back: the first tier, and the lower tiers for what it cannot take); a tier that
+        fails or is full is skipped and counted (``stats()["tiers"][i]["faults"]``). The return value is the
+        prefix that is readable afterwards; it is less than asked only when some chunk fit in no tier.
+
+        Raises
+        ------
+        CapacityError, BackendError
+            Only when no tier could store the first chunk (nothing was stored).
+        TypeError, ValueError, LayoutError
+            For bad tokens or a tensor that does not match the layout, is on the ``meta`` device or on a
+            device kvpool cannot move.
         """
         self._check_open()
         if isinstance(kv, PagedKV):  # a paged (vLLM-style) source: gathered on its device, once per layer
             return await put_paged(self, tokens, kv)
         arr = as_token_array(tokens)
+        check_device(kv)
         self.layout.check_kv(kv)
         if kv.shape[2] != len(arr):
             raise LayoutError(f"kv holds {kv.shape[2]} tokens but {len(arr)} tokens were given")
@@ -277,97 +300,47 @@ class KVPool:
         self._counters["puts"] += 1
         if not keys:
             return 0
-        written: list[tuple[Backend, bytes]] = []
         write_back = self.config.write_policy == "write-back" and len(self.tiers) > 1
-        targets = self.tiers[:1] if write_back else self.tiers
-
-        async def write_tier(tier: Backend) -> None:
-            io = self._io[self.tiers.index(tier)]
-            have = await tier.contains_many(keys)
-            items = [(k, self.layout.chunk_view(kv, i)) for i, k in enumerate(keys) if not have[i]]
-            self._counters["chunks_skipped"] += len(keys) - len(items)
-            if items:
-                try:
-                    await io.write_many(items)
-                finally:
-                    # what did land must be undone if any tier fails
-                    written.extend((tier, k) for k, _ in items)
-                self._counters["chunks_written"] += len(items)
-
-        try:
-            if len(targets) == 1:
-                await write_tier(targets[0])
-            else:  # write-through: every tier at once; the put takes as long as the slowest
-                results = await asyncio.gather(*(write_tier(t) for t in targets), return_exceptions=True)
-                errors = [r for r in results if isinstance(r, BaseException)]
-                if errors:
-                    raise errors[0]
-        except BaseException:
-            for tier, k in written:
-                try:
-                    await tier.delete(k)
-                except Exception:
-                    pass
-            raise
+        views = [self.layout.chunk_view(kv, i) for i in range(len(keys))]
+        res = await self._tiers.store(keys, views, write_back=write_back)
+        self._counters["chunks_written"] += res.written
+        self._counters["chunks_skipped"] += res.skipped
+        keys = keys[: res.stored]
         for tier in self.tiers:
             link = getattr(getattr(tier, "policy", None), "link", None)
             if link is not None:  # prefix-aware eviction learns which chunks others depend on
                 for parent, child in zip(keys, keys[1:]):
                     link(parent, child)
-        if write_back:
-            self._spawn(self._write_back(keys))
+        if write_back:  # waits while the write-back queue is full (back-pressure)
+            await self._bg.write_back([keys[i] for i in res.top])
         return len(keys) * self.layout.chunk_tokens
 
-    async def prefetch(self, tokens: Any) -> int:
+    @in_flight
+    async def prefetch(self, tokens: Tokens) -> int:
         """Start moving the cached prefix of ``tokens`` into the fastest tier; return at once.
 
         Meant for a request still waiting in the server's queue. Returns the cached prefix length in tokens.
         A later :meth:`get`/:meth:`get_into`/:meth:`stream` of the same chunks waits for the move in flight
-        instead of issuing its own reads from the slow tier.
+        instead of issuing its own reads from the slow tier. Moves in flight are bounded by
+        ``promotion_queue_bytes``; beyond it a prefetch is dropped and counted (``prefetches_dropped``).
         """
         self._check_open()
         keys = self._hasher.keys(tokens)
         where = await self._locate(keys)
-        todo = [(k, t) for k, t in zip(keys, where) if t > 0 and k not in self._moving]
-        if todo:
-            loop = asyncio.get_running_loop()
-            futs = {k: loop.create_future() for k, _ in todo}
-            self._moving.update(futs)
+        if self._bg.prefetch(keys, where):
             self._counters["prefetches"] += 1
-            self._spawn(self._move_up(todo, futs))
         return len(where) * self.layout.chunk_tokens
 
-    async def _move_up(self, todo: list[tuple[bytes, int]], futs: dict[bytes, asyncio.Future[None]]) -> None:
-        buf = await self._staging.acquire((self.layout.chunk_nbytes,), torch.uint8, wait_s=self.config.staging_wait_s)
-        prio = io_class(Priority.PREFETCH)
-        prio.__enter__()
-        try:
-            for k, t in todo:
-                try:
-                    if await self._io[t].read_into(k, buf):
-                        await self._io[0].write(k, buf)
-                        self._counters["promotions"] += 1
-                except Exception:
-                    pass  # best effort: the restore reads from the lower tier instead
-                finally:
-                    self._moving.pop(k, None)
-                    if not futs[k].done():
-                        futs[k].set_result(None)
-        finally:
-            prio.__exit__()
-            for k, f in futs.items():
-                self._moving.pop(k, None)
-                if not f.done():
-                    f.set_result(None)
-
     async def _join_moves(self, keys: list[bytes]) -> None:
-        if self._moving:
-            pending = [self._moving[k] for k in keys if k in self._moving]
-            if pending:
-                self._counters["prefetch_joins"] += 1
-                await asyncio.gather(*(asyncio.shield(f) for f in pending))
+        if await self._bg.join_moves(keys):
+            self._counters["prefetch_joins"] += 1
 
-    async def observe_attention(self, tokens: Any, scores: Any) -> None:
+    async def _chunk_buffer(self) -> torch.Tensor:
+        """One chunk of staging memory, for a background copy."""
+        return await self._staging.acquire((self.layout.chunk_nbytes,), torch.uint8, wait_s=self.config.staging_wait_s)
+
+    @in_flight
+    async def observe_attention(self, tokens: Tokens, scores: Any) -> None:
         """Feed the model's attention mass for a prompt to attention-aware eviction.
 
         ``scores`` is per chunk (``len == number of full chunks``) or per token (``len >= chunks *
@@ -398,14 +371,18 @@ class KVPool:
                     observe(k, m)
         self._counters["attention_observations"] += 1
 
-    async def lookup(self, tokens: Any) -> int:
+    @in_flight
+    @timed("lookup")
+    async def lookup(self, tokens: Tokens) -> int:
         """Length in tokens of the longest cached prefix of ``tokens`` (a multiple of ``chunk_tokens``)."""
         self._check_open()
         self._counters["lookups"] += 1
         keys = self._hasher.keys(tokens)
         return len(await self._locate(keys)) * self.layout.chunk_tokens
 
-    async def get(self, tokens: Any) -> torch.Tensor:
+    @in_flight
+    @timed("get")
+    async def get(self, tokens: Tokens) -> torch.Tensor:
         """The KV of the longest cached prefix: a new tensor ``[L, 2, hit, H, D]`` (``hit`` may be 0)."""
         self._check_open()
         keys = self._hasher.keys(tokens)
@@ -419,7 +396,9 @@ class KVPool:
             return out[:, :, :n].contiguous()
         return out
 
-    async def get_into(self, tokens: Any, out: torch.Tensor | PagedKV) -> int:
+    @in_flight
+    @timed("get")
+    async def get_into(self, tokens: Tokens, out: torch.Tensor | PagedKV) -> int:
         """Fill ``out[:, :, :n]`` with the cached prefix's KV and return ``n``.
 
         ``out`` is ``[L, 2, T, H, D]`` of the pool's dtype (CPU or CUDA), or a :class:`~kvpool.PagedKV`
@@ -432,7 +411,12 @@ class KVPool:
             hit, _events = await restore_paged(self, tokens, out)
             _events.synchronize()
             return hit
+        check_device(out, "out")
         self.layout.check_kv(out, name="out")
+        if out.shape[2] < self.layout.chunk_tokens:
+            raise ValueError(
+                f"out holds {out.shape[2]} tokens, fewer than one chunk ({self.layout.chunk_tokens}): nothing fits"
+            )
         keys = self._hasher.keys(tokens, max_chunks=out.shape[2] // self.layout.chunk_tokens)
         await self._join_moves(keys)
         where = await self._locate(keys)
@@ -440,8 +424,9 @@ class KVPool:
         self._account(len(keys), n)
         return n
 
+    @timed_stream
     async def stream(
-        self, tokens: Any, *, prefetch_layers: int = _DEFAULT_PREFETCH_LAYERS, layer_time: float | None = None
+        self, tokens: Tokens, *, prefetch_layers: int = _DEFAULT_PREFETCH_LAYERS, layer_time: float | None = None
     ) -> AsyncIterator[tuple[int, torch.Tensor]]:
         """Yield ``(layer, x)`` for each layer in order, ``x`` = ``[2, hit, H, D]`` of the cached prefix.
 
@@ -471,10 +456,14 @@ class KVPool:
         async def read_layer(layer: int) -> torch.Tensor:
             x = await self._staging.acquire(shape, self.layout.dtype, wait_s=self.config.staging_wait_s)
             off = self.layout.layer_offset(layer)
-            with io_class(Priority.FOREGROUND, start + layer * step):
-                ok = await self._read_views(
-                    keys, where, [self.layout.layer_chunk_view(x, c) for c in range(len(where))], off
-                )
+            self._gate.enter()  # close() waits for this read; a suspended generator does not hold it up
+            try:
+                with io_class(Priority.FOREGROUND, start + layer * step):
+                    ok = await self._read_views(
+                        keys, where, [self.layout.layer_chunk_view(x, c) for c in range(len(where))], off
+                    )
+            finally:
+                self._gate.exit()
             if ok < len(where):
                 raise RestoreError(f"chunk {ok} of the prefix could not be read at layer {layer}", layer)
             return x
@@ -493,30 +482,43 @@ class KVPool:
             if pending:
                 await asyncio.gather(*pending.values(), return_exceptions=True)
 
-    async def delete(self, tokens: Any) -> int:
+    @in_flight
+    async def delete(self, tokens: Tokens) -> int:
         """Remove every full chunk of ``tokens`` from every tier; return the tokens that were stored."""
         self._check_open()
         keys = self._hasher.keys(tokens)
         removed = set()
-        for tier in self.tiers:
+        for t in range(len(self.tiers)):
             for i, k in enumerate(keys):
-                if await tier.delete(k):
+                if await self._tiers.delete_in(t, k):  # a down tier is counted (delete_failures), not raised
                     removed.add(i)
         return len(removed) * self.layout.chunk_tokens
 
+    @in_flight
     async def flush(self) -> None:
         """Finish background write-backs, then make everything stored so far durable on the persistent
         tiers (power-loss safe)."""
         self._check_open()
-        await self._drain_background()
+        await self._bg.drain()
         for tier in self.tiers:
             fl = getattr(tier, "flush", None)
             if fl is not None:
                 await fl()
 
-    def stats(self) -> dict[str, Any]:
-        """Counters of the pool and of each tier."""
-        return {
+    def __repr__(self) -> str:
+        lay = self.layout
+        head = (f"<KVPool {self.model_id!r} {'closed' if self._closed else 'open'}: {lay.num_layers} layers x "
+                f"{lay.num_kv_heads} kv heads x {lay.head_dim} {str(lay.dtype).removeprefix('torch.')}, "
+                f"{lay.chunk_tokens} tokens/chunk")
+        try:
+            return f"{head}; tiers {describe_tiers(self)}>"
+        except Exception:  # noqa: BLE001 - a repr must not raise (a tier half torn down)
+            return head + ">"
+
+    def stats(self) -> PoolStats:
+        """Counters of the pool and of each tier (a plain dict; :class:`kvpool.types.PoolStats` says its keys)."""
+        # a plain dict (JSON-ready); PoolStats names its keys for type checkers
+        return cast(PoolStats, {
             "model_id": self.model_id,
             "layout": {
                 "num_layers": self.layout.num_layers,
@@ -528,8 +530,12 @@ class KVPool:
             },
             **self._counters,
             "staging": self._staging.stats(),
-            "tiers": [{**t.stats(), "io": io.stats()} for t, io in zip(self.tiers, self._io)],
-        }
+            "background": {"tasks": self._bg.tasks, "queued_bytes": self._bg.queued_bytes()},
+            "tiers": [
+                {**t.stats(), "io": io.stats(), "faults": dict(f), "last_fault": e}
+                for t, io, f, e in zip(self.tiers, self._io, self._tiers.faults, self._tiers.last_error)
+            ],
+        })
 
     # --- data movement -----------------------------------------------------------------------------------
     def _account(self, asked_chunks: int, hit_tokens: int) -> None:
@@ -541,7 +547,8 @@ class KVPool:
         views = [self.layout.chunk_view(out, c) for c in range(len(where))]
         n = await self._read_views(keys, where, views, 0)
         if n and self.config.promote_on_hit and len(self.tiers) > 1:
-            await self._promote(keys[:n], where[:n], views[:n])
+            # after the caller has its bytes: queued, read again from below in the background (bounded)
+            self._bg.promote(keys[:n], where[:n])
         return n * self.layout.chunk_tokens
 
     async def _read_views(
@@ -549,68 +556,6 @@ class KVPool:
     ) -> int:
         """Read chunk ``c`` into ``views[c]`` from tier ``where[c]`` (falling back to lower tiers that hold
         it); return the number of leading chunks that were read."""
-        nch = len(where)
-        ok = [False] * nch
-        by_tier: dict[int, list[int]] = {}
-        for c, t in enumerate(where):
-            by_tier.setdefault(t, []).append(c)
-
-        async def run(t: int, cs: list[int]) -> None:
-            res = await self._io[t].read_many([ReadRequest(keys[c], views[c], offset) for c in cs])
-            for c, r in zip(cs, res):
-                ok[c] = r
-
-        if len(by_tier) == 1:  # the common case: no task per tier
-            await run(*next(iter(by_tier.items())))
-        else:
-            await asyncio.gather(*(run(t, cs) for t, cs in by_tier.items()))
-        # A tier that failed a read (evicted meanwhile, corrupt) is not the last word: lower tiers may hold it.
-        for c in range(nch):
-            if ok[c]:
-                continue
-            self._counters["read_failures"] += 1
-            for t in range(where[c] + 1, len(self.tiers)):
-                try:
-                    if await self._io[t].read_into(keys[c], views[c], offset):
-                        where[c] = t
-                        ok[c] = True
-                        break
-                except KVPoolError:
-                    continue
-            if not ok[c]:
-                return c
-        return nch
-
-    async def _write_back(self, keys: list[bytes]) -> None:
-        """Copy chunks from the first tier to the lower ones, in the background (write-back mode)."""
-        top = self._io[0]
-        buf = await self._staging.acquire((self.layout.chunk_nbytes,), torch.uint8, wait_s=self.config.staging_wait_s)
-        with io_class(Priority.WRITE_BACK):
-            await self._write_back_keys(keys, top, buf)
-
-    async def _write_back_keys(self, keys: list[bytes], top: TierScheduler, buf: torch.Tensor) -> None:
-        for k in keys:
-            for lower in self.tiers[1:]:
-                try:
-                    if await lower.contains(k):
-                        continue
-                    if not await top.read_into(k, buf):
-                        break  # evicted before it was written back: a cache may lose it
-                    await self._io[self.tiers.index(lower)].write(k, buf)
-                    self._counters["write_backs"] += 1
-                except Exception:
-                    self._counters["write_back_failures"] += 1
-
-    async def _promote(self, keys: list[bytes], where: list[int], views: list[torch.Tensor]) -> None:
-        """Copy chunks found in a lower tier into the tiers above it (best effort: a full tier skips)."""
-        always = self.config.promotion == "always"
-        for c, t in enumerate(where):
-            if t == 0 or not (always or self._admission.admit(keys[c])):
-                continue
-            for upper in range(t):
-                try:
-                    with io_class(Priority.PROMOTION):
-                        await self._io[upper].write(keys[c], views[c])
-                    self._counters["promotions"] += 1
-                except KVPoolError:
-                    pass
+        n = await self._tiers.read_views(keys, where, views, offset)
+        self._counters["read_failures"] += len(where) - n  # chunks located but readable in no tier
+        return n
