@@ -22,3 +22,31 @@ async def test_prometheus_exposition_reflects_pool_counters() -> None:
         assert "kvpool_tier_recent_read_bytes_per_second" in text
         s = pool.stats()["tiers"][0]["io"]
         assert s["bytes_read"] == 2 * layout.chunk_nbytes and s["recent_read_Bps"] > 0
+
+
+async def test_latency_histograms_and_hit_ratios_are_exposed() -> None:
+    """A scrape shows lookup/get/put/time-to-first-layer histograms with the calls made, and hit ratios of the
+    pool and of each tier."""
+    layout = KVLayout(num_layers=2, num_kv_heads=2, head_dim=16, dtype=torch.float16, chunk_tokens=16)
+    async with KVPool.open(layout=layout, model_id="m", backends=["dram://?capacity=1MiB"]) as pool:
+        reg = CollectorRegistry()
+        reg.register(PoolCollector(pool, name="p2"))
+        t = list(range(32))
+        await pool.put(t, torch.randn(layout.kv_shape(32)).half())
+        assert await pool.lookup(t) == 32
+        await pool.get(t)  # hit: 32 tokens
+        await pool.get(list(range(100, 132)))  # miss: 32 tokens
+        out = torch.empty(layout.kv_shape(32), dtype=torch.float16)
+        await pool.get_into(t, out)
+        layers = [x async for _layer, x in pool.stream(t)]
+        assert len(layers) == 2
+        text = generate_latest(reg).decode()
+        assert 'kvpool_put_seconds_count{pool="p2"} 1.0' in text
+        assert 'kvpool_lookup_seconds_count{pool="p2"} 1.0' in text
+        assert 'kvpool_get_seconds_count{pool="p2"} 3.0' in text  # get x2 + get_into
+        assert 'kvpool_stream_first_layer_seconds_count{pool="p2"} 1.0' in text
+        assert 'kvpool_get_seconds_bucket{le="+Inf",pool="p2"} 3.0' in text
+        # 32 hit + 32 miss + 32 hit (get_into) + 32 hit (stream): 96 of 128 tokens
+        assert 'kvpool_hit_ratio{pool="p2"} 0.75' in text
+        assert 'kvpool_tier_hit_ratio{pool="p2",scheme="dram",tier="0"}' in text
+        assert "kvpool_tier_io_queue_wait_seconds_total" in text
