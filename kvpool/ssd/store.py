@@ -23,7 +23,7 @@ import logging
 import os
 import random
 import stat
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -31,7 +31,7 @@ import xxhash
 
 from ..storage.allocator import ExtentAllocator
 from ..errors import BackendError, CapacityError, ConfigError, PoolLockedError
-from ..storage.eviction import EvictionPolicy, make_policy
+from ..storage.eviction import EvictionPolicy, PolicyHints, make_policy
 from ..storage.buffers import OFFLOAD_BYTES, aligned_empty, alloc_aligned, buffer_address, tensor_runs
 from .uring_engine import OP_FSYNC, OP_READ, OP_WRITE, UringEngine
 from . import format as fmt
@@ -50,6 +50,10 @@ BLOCK = fmt.BLOCK
 _IOV_MAX = 512  # iovecs per SQE (the kernel's limit is 1024)
 _MAX_IO = 8 << 20  # upper bound of one request; lowered to the device's max_sectors_kb at open
 _LOCK_WAIT_S = 2.0
+
+
+#: records of one put/delete, the future its caller waits on, and what to publish once they are durable
+_JournalItem = tuple[list[bytes], "asyncio.Future[None]", "Callable[[], None] | None"]
 
 
 def _mem(addr: int, n: int) -> memoryview:
@@ -134,7 +138,7 @@ class _Bounce:
             self._cond.notify_all()
 
 
-class UringBackend(Backend):
+class UringBackend(PolicyHints, Backend):
     """SSD tier on a file or raw block device through io_uring.
 
     Parameters
@@ -156,7 +160,11 @@ class UringBackend(Backend):
     """
 
     scheme = "uring"
-    capabilities = Capabilities(persistent=True, partial_reads=True)
+    # survives restarts and crashes; flush() is an fdatasync; policy-ordered; reads any range
+    capabilities = Capabilities(
+        persistent=True, durable=True, device_memory=False, partial_reads=True, remote=False, queued_io=True,
+        eviction_hints=True, read_bandwidth=None,
+    )
 
     def __init__(
         self,
@@ -190,7 +198,7 @@ class UringBackend(Backend):
         self._epoch = 0
         self._seq = 0
         self._jpos = 0  # next journal block
-        self._jpending: list[tuple[list[bytes], asyncio.Future[None]]] = []
+        self._jpending: list[_JournalItem] = []
         self._jtask: asyncio.Task[None] | None = None
         self._mem_align = BLOCK
         self._max_io = _MAX_IO
@@ -396,6 +404,11 @@ class UringBackend(Backend):
             self._geo = None
             self.policy = make_policy(self._policy_name) if self._policy_name else self.policy
 
+    @property
+    def device_path(self) -> str | None:
+        """The pool file or block device (what a bandwidth probe measures and its cache is keyed by)."""
+        return self.path
+
     async def flush(self) -> None:
         """Make every completed put durable against power loss (fdatasync of the file or device)."""
         self._check_open()
@@ -538,13 +551,29 @@ class UringBackend(Backend):
         self.counters["checkpoints"] += 1
 
     # --- journal (group commit) --------------------------------------------------------------------------
-    async def _log(self, records: list[bytes]) -> None:
+    async def _log(self, records: list[bytes], publish: Callable[[], None] | None = None) -> None:
+        """Append ``records`` to the journal (group commit); ``publish`` runs once they are durable.
+
+        A caller cancelled here still waits for its batch: whether the records were committed must be known
+        before the caller undoes anything, or a rollback would free extents a committed record names.
+        """
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
-        self._jpending.append((records, fut))
+        self._jpending.append((records, fut, publish))
         if self._jtask is None or self._jtask.done():
             self._jtask = asyncio.ensure_future(self._journal_writer())
-        await asyncio.shield(fut)
+        cancelled = False
+        while not fut.done():
+            try:
+                await asyncio.shield(fut)
+            except asyncio.CancelledError:
+                if fut.done():
+                    break
+                cancelled = True
+        if cancelled:
+            fut.exception()  # retrieved: the cancellation wins
+            raise asyncio.CancelledError
+        fut.result()
 
     async def _drain_journal(self) -> None:
         while self._jtask is not None and not self._jtask.done():
@@ -558,7 +587,7 @@ class UringBackend(Backend):
             try:
                 blocks: list[bytes] = []
                 cur = b""
-                for recs, _ in batch:
+                for recs, _, _ in batch:
                     for r in recs:
                         if len(cur) + len(r) > fmt.JOURNAL_PAYLOAD:
                             blocks.append(cur)
@@ -577,20 +606,24 @@ class UringBackend(Backend):
                     await self._write_meta(geo.j_off + self._jpos * BLOCK, data)
                     self._jpos += len(blocks)
             except BaseException as exc:
-                for _, fut in batch:
+                for _, fut, _ in batch:
                     if not fut.done():
                         fut.set_exception(exc if isinstance(exc, Exception) else BackendError(str(exc)))
                 if not isinstance(exc, Exception):
                     raise
                 continue
-            for _, fut in batch:
+            # Publish before completing and before the next batch: see _write_group's publish().
+            for _, _, publish in batch:
+                if publish is not None:
+                    publish()
+            for _, fut, _ in batch:
                 if not fut.done():
                     fut.set_result(None)
 
-    async def _checkpoint_with(self, batch: list[tuple[list[bytes], asyncio.Future[None]]]) -> None:
+    async def _checkpoint_with(self, batch: list[_JournalItem]) -> None:
         """Checkpoint the index as it will be once ``batch`` is applied (its puts are not yet published)."""
         snapshot = dict(self._index)
-        for recs, _ in batch:
+        for recs, _, _ in batch:
             for r in recs:
                 if r[0] == fmt.REC_PUT:
                     e, _pos = fmt.Entry.unpack_from(r, 1)
@@ -679,6 +712,7 @@ class UringBackend(Backend):
         staged: list[tuple[bytes, fmt.Entry, list[tuple[int, int]], tuple[int, int] | None]] = []
         dels: list[bytes] = []
         keep: list[torch.Tensor] = []
+        committed = False
         try:
             for key, src in items:
                 if src.device.type != "cpu":
@@ -727,8 +761,28 @@ class UringBackend(Backend):
                 raise self._oserror(-bad[0], "write failed")
             # data is on the device: now the journal names it, then readers may see it
             recs = dels + [fmt.put_record(e) for _, e, _, _ in staged]
-            await self._log(recs)
+
+            def publish() -> None:
+                # Runs inside the journal writer, after the block naming these puts is on the device and
+                # before any later batch is handled: a checkpoint the writer takes next is built from an index
+                # that already holds every acknowledged put (it would otherwise start a new epoch that hides
+                # this batch's journal block, and a kill before the next checkpoint would lose the puts).
+                nonlocal committed
+                committed = True
+                for key, e, _runs_, _b in staged:
+                    e.pins = 0
+                    old = self._index.get(key)
+                    if old is not None:
+                        self.policy.remove(key)
+                        self._release(old)
+                    self._index[key] = e
+                    self.policy.insert(key, e.length)
+                    self.counters["bytes_written"] += e.length
+
+            await self._log(recs, publish)
         except BaseException:
+            if committed:  # cancelled after the journal took it: the put is stored, nothing to undo
+                raise
             for _key, e, _runs_, b in staged:
                 e.dead = True
                 self._meta_bytes -= e.packed_size
@@ -742,15 +796,6 @@ class UringBackend(Backend):
         finally:
             if need:
                 await self._bounce.put(res_base, need)
-        for key, e, _runs_, _b in staged:
-            e.pins = 0
-            old = self._index.get(key)
-            if old is not None:
-                self.policy.remove(key)
-                self._release(old)
-            self._index[key] = e
-            self.policy.insert(key, e.length)
-            self.counters["bytes_written"] += e.length
 
     def _iov_ops(self, op: int, runs: list[tuple[int, int]], file_off: int) -> list[tuple[Any, ...]]:
         """Ops covering ``runs`` laid end to end at ``file_off``: <= _IOV_MAX iovecs and <= max_io bytes each."""
