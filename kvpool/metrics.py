@@ -59,7 +59,7 @@ class PoolCollector(Collector):
 
     def collect(self) -> Iterator[Any]:
         s = self.pool.stats()
-        flat: Mapping[str, object] = s  # type: ignore[assignment,unused-ignore]  # counters read by name
+        flat: Mapping[str, object] = s  # the counters, read by name
         for key in _POOL_COUNTERS:
             c = CounterMetricFamily(f"kvpool_{key}", f"kvpool pool counter {key}", labels=["pool"])
             c.add_metric([self.name], _num(flat.get(key, 0)))
@@ -70,7 +70,7 @@ class PoolCollector(Collector):
         g.add_metric([self.name], _num(s["hit_tokens"]) / asked if asked else 0.0)
         yield g
 
-        tiers: list[Mapping[str, object]] = list(s["tiers"])  # type: ignore[arg-type,unused-ignore]
+        tiers: list[Mapping[str, object]] = list(s["tiers"])
         tl = ["pool", "tier", "scheme"]
 
         def labels(i: int, t: Mapping[str, object]) -> list[str]:
