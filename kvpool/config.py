@@ -372,13 +372,20 @@ def _backends(v: Any, where: str) -> tuple[str | tuple[str, ...], ...]:
     if not isinstance(v, (list, tuple)) or not v:
         raise ConfigError(f"{where}: backends must be a non-empty list of spec strings such as 'dram://?capacity=8GiB'")
     out: list[str | tuple[str, ...]] = []
+
+    def check(spec: str) -> None:  # a malformed spec is reported here, with the file that holds it
+        try:
+            BackendSpec.parse(spec)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+
     for i, b in enumerate(v):
         if isinstance(b, str):
-            BackendSpec.parse(b)  # a malformed spec is reported here, with the file that holds it
+            check(b)
             out.append(b)
         elif isinstance(b, (list, tuple)) and b and all(isinstance(x, str) for x in b):
             for x in b:
-                BackendSpec.parse(x)
+                check(x)
             out.append(tuple(b))
         else:
             raise ConfigError(
@@ -505,8 +512,6 @@ def load_settings(
     options = {k: _coerce_pool_option(k, v, origin[k]) for k, v in merged.items()}
     try:
         config = PoolConfig(**options)
-    except (TypeError, ValueError) as exc:  # attrs validators; ConfigError is a ValueError too
-        if isinstance(exc, ConfigError):
-            raise
+    except (TypeError, ValueError) as exc:  # attrs validators (ConfigError is a ValueError too)
         raise ConfigError(f"{where}: {exc}") from None
     return PoolSettings(layout=lay, model_id=model_id, backends=backends, config=config, source=where)
