@@ -33,6 +33,7 @@ from ..storage.allocator import ExtentAllocator
 from ..errors import BackendError, CapacityError, ConfigError, PoolLockedError
 from ..storage.eviction import EvictionPolicy, PolicyHints, make_policy
 from ..storage.buffers import OFFLOAD_BYTES, aligned_empty, alloc_aligned, buffer_address, tensor_runs
+from .settle import gather_settled, wait_uncancellable
 from .uring_engine import OP_FSYNC, OP_READ, OP_WRITE, UringEngine
 from . import format as fmt
 from ..storage.backend import Backend, Capabilities, ReadRequest, nbytes_of
@@ -562,18 +563,7 @@ class UringBackend(PolicyHints, Backend):
         self._jpending.append((records, fut, publish))
         if self._jtask is None or self._jtask.done():
             self._jtask = asyncio.ensure_future(self._journal_writer())
-        cancelled = False
-        while not fut.done():
-            try:
-                await asyncio.shield(fut)
-            except asyncio.CancelledError:
-                if fut.done():
-                    break
-                cancelled = True
-        if cancelled:
-            fut.exception()  # retrieved: the cancellation wins
-            raise asyncio.CancelledError
-        fut.result()
+        await wait_uncancellable(fut)
 
     async def _drain_journal(self) -> None:
         while self._jtask is not None and not self._jtask.done():
@@ -699,7 +689,7 @@ class UringBackend(PolicyHints, Backend):
         if len(groups) == 1:
             await self._write_group(items)
         else:
-            await asyncio.gather(*(self._write_group([items[i] for i in g]) for g in groups))
+            await gather_settled(*(self._write_group([items[i] for i in g]) for g in groups))
 
     async def _write_group(self, items: Sequence[tuple[bytes, torch.Tensor]]) -> None:
         assert self._engine is not None and self._bounce is not None
@@ -850,7 +840,7 @@ class UringBackend(PolicyHints, Backend):
         groups = self._groups([self._bounce_need(r) for r in requests])
         if len(groups) == 1:
             return await self._read_group(requests)
-        parts = await asyncio.gather(*(self._read_group([requests[i] for i in g]) for g in groups))
+        parts = await gather_settled(*(self._read_group([requests[i] for i in g]) for g in groups))
         return [ok for part in parts for ok in part]
 
     async def _read_group(self, requests: Sequence[ReadRequest]) -> list[bool]:
@@ -944,7 +934,7 @@ class UringBackend(PolicyHints, Backend):
             verdict = {p: finish(plans[p]) for p in todo if p not in big}
             if big:
                 order = sorted(big)
-                oks = await asyncio.gather(*(asyncio.to_thread(finish, plans[p]) for p in order))
+                oks = await gather_settled(*(asyncio.to_thread(finish, plans[p]) for p in order))
                 verdict.update(zip(order, oks))
             for p in todo:
                 i, e = plans[p][0], plans[p][1]

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any, Final, Protocol, cast
 
 from ..storage.buffers import alloc_aligned, buffer_address
+from .settle import wait_uncancellable
 import kvpool._uring as _uring  # noqa: PLR0402  (mypy cannot see the compiled submodule otherwise)
 
 __all__ = [
@@ -73,12 +74,14 @@ def probe() -> dict[str, Any]:
 class _Batch:
     """Results of one ``submit()`` call, filled in completion order."""
 
-    __slots__ = ("future", "remaining", "results")
+    __slots__ = ("drained", "future", "outstanding", "remaining", "results")
 
     def __init__(self, n: int, future: asyncio.Future[list[int]]) -> None:
         self.results: list[int] = [0] * n
         self.remaining = n
         self.future = future
+        self.outstanding = 0  # handed to the kernel, completion not yet reaped
+        self.drained: asyncio.Future[None] | None = None  # set once outstanding reaches 0 after abandonment
 
 
 class UringEngine:
@@ -141,8 +144,11 @@ class UringEngine:
         """Submit ``ops`` and return per-op results (bytes or ``-errno``) in op order.
 
         The whole batch is validated before anything is queued (``TypeError`` /
-        ``ValueError``).  If the awaiting task is cancelled, ops already handed
-        to the kernel still complete and are reaped; the rest are not submitted.
+        ``ValueError``).  If the awaiting task is cancelled, the ops not yet
+        handed to the kernel are dropped and the call waits, before it raises
+        ``CancelledError``, until every op already in the kernel has completed:
+        their buffers (often the caller's tensor) are no longer written to once
+        the call has returned.
         """
         self._check_open()
         loop = self._bind()
@@ -180,6 +186,7 @@ class UringEngine:
                 # queued and are retried on the next round.
                 for op in chunk[done:]:
                     del self._inflight[op[1]]
+                batch.outstanding += max(done, 0)
                 if done <= 0:  # the ring raises rather than accept nothing
                     raise RuntimeError("io_uring accepted no operations")
                 i += done
@@ -187,10 +194,16 @@ class UringEngine:
                     self._wake_next()
             return await batch.future
         except BaseException:
-            # Abandon the batch; already-submitted ops are still reaped by
-            # _on_ready, which never touches a done future.
+            # Abandon the batch, but only once the kernel is done with every op of it that it holds: the
+            # memory they read into or write from belongs to our caller, who may reuse it the moment we raise.
             if not batch.future.done():
                 batch.future.cancel()
+            if batch.outstanding:
+                batch.drained = loop.create_future()
+                try:
+                    await wait_uncancellable(batch.drained)
+                except asyncio.CancelledError:
+                    pass  # we are raising anyway
             raise
 
     async def aclose(self) -> None:
@@ -284,6 +297,9 @@ class UringEngine:
             batch, idx = entry
             batch.results[idx] = res
             batch.remaining -= 1
+            batch.outstanding -= 1
+            if batch.outstanding == 0 and batch.drained is not None and not batch.drained.done():
+                batch.drained.set_result(None)
             if batch.remaining == 0 and not batch.future.done():
                 batch.future.set_result(batch.results)
         if len(inflight) < self._entries:
