@@ -147,6 +147,12 @@ class _Object:
         return self.pieces[0][0]
 
 
+def _device_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` says the child's device failed (EIO, gone, timeout), as opposed to a full child
+    (CapacityError) or a caller's mistake (TypeError, NotImplementedError from a meta tensor...)."""
+    return isinstance(exc, OSError)  # BackendError is an OSError; CapacityError and TypeError are not
+
+
 def _piece_key(key: bytes, seq: int, child: int) -> bytes:
     k = blake3.blake3(b"kvpool-striped-piece\0" + key + seq.to_bytes(8, "little") + child.to_bytes(2, "little"))
     d = k.digest(length=16)
@@ -244,6 +250,8 @@ class StripedBackend(Backend):
             raise ConfigError(f"a striped tier takes at most {MAX_CHILDREN} children, got {len(self.children)}")
         if not all(isinstance(c, Backend) for c in self.children):
             raise ConfigError("striped children must be Backend objects")
+        if not all(c.capabilities.partial_reads for c in self.children):
+            raise ConfigError("striped children must serve partial reads (a request reads ranges of pieces)")
         if len({id(c) for c in self.children}) != len(self.children):
             raise ConfigError("the same backend object is given twice as a striped child")
         if weights is not None:
@@ -281,12 +289,24 @@ class StripedBackend(Backend):
             "dropped_on_recovery": 0,
             "gc_deleted": 0,
         }
+        # the children's total bandwidth, once open() has weighed them all by hints or probes
+        self._read_bandwidth: float | None = None
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """Composed from the children's (an object lives on several of them: it is as persistent and durable
+        as the least of them, remote if any is), and computed, not stored: ``read_bandwidth`` is known only
+        after open has weighed the children. Pieces are not the caller's objects, so no eviction hints."""
         cc = [c.capabilities for c in self.children]
-        self.capabilities = Capabilities(
+        return Capabilities(
             persistent=all(c.persistent for c in cc),
+            durable=all(c.durable for c in cc),
             device_memory=all(c.device_memory for c in cc),
-            partial_reads=True,
+            partial_reads=True,  # the tier reads only the pieces (and ranges of them) a request covers
             remote=any(c.remote for c in cc),
+            queued_io=any(c.queued_io for c in cc),
+            eviction_hints=False,
+            read_bandwidth=self._read_bandwidth,
         )
 
     # --- construction ------------------------------------------------------------------------------------
@@ -377,9 +397,8 @@ class StripedBackend(Backend):
         self._check_open()
         await self._drain()
         for c in self.children:
-            fl = getattr(c, "flush", None)
-            if fl is not None:
-                await fl()
+            if c.capabilities.durable:
+                await c.flush()
 
     async def _resolve_weights(self) -> None:
         n = len(self.children)
@@ -405,7 +424,7 @@ class StripedBackend(Backend):
         if not any(x > 0 for x in self.weights):
             raise ConfigError("every striped child has weight 0")
         if all(s in ("hint", "capabilities", "probe", "probe-cache") for s in src):
-            self.capabilities = attrs.evolve(self.capabilities, read_bandwidth=float(sum(self.weights)))
+            self._read_bandwidth = float(sum(self.weights))
 
     # --- background work ---------------------------------------------------------------------------------
     def _spawn(self, coro: Any) -> None:
@@ -633,10 +652,12 @@ class StripedBackend(Backend):
             for p, k, _v in by_child[c]:
                 written[p].append((c, k))
             if isinstance(r, BaseException):
-                if not isinstance(r, Exception):
+                if not isinstance(r, (OSError, CapacityError, ValueError)):
+                    # cancellation, or the caller's error (a tensor the child cannot read: TypeError,
+                    # NotImplementedError...): not the device's fault, so no child is marked down
                     fatal = fatal or r
                     continue
-                if not isinstance(r, (CapacityError, ValueError)):
+                if _device_failure(r):
                     self._child_error(c, r, "write")
                 for p, _k, _v in by_child[c]:
                     errors.setdefault(p, {})[c] = r
@@ -723,17 +744,17 @@ class StripedBackend(Backend):
             # a piece shorter than its record says: the object is damaged
             return [False] * len(reqs)
         except Exception as exc:  # noqa: BLE001 - a failing child's reads are misses
-            self._child_error(c, exc, "read")
+            if _device_failure(exc):  # only the device's own failures take it out of placement
+                self._child_error(c, exc, "read")
             return [None] * len(reqs)
 
     def _touch_record(self, obj: _Object) -> None:
-        """Keep a record as recent as its pieces in its child's eviction order (children that expose an
-        eviction ``policy``), so that a hot object's record is not evicted before its pieces."""
-        policy = getattr(self.children[obj.meta_child], "policy", None)
-        touch = getattr(policy, "touch", None)
-        if callable(touch):
+        """Keep a record as recent as its pieces in its child's eviction order (children that declare
+        ``eviction_hints``), so that a hot object's record is not evicted before its pieces."""
+        child = self.children[obj.meta_child]
+        if child.capabilities.eviction_hints:
             try:
-                touch(_meta_key(obj.key, obj.seq))
+                child.hint_touch(_meta_key(obj.key, obj.seq))
             except Exception:  # noqa: BLE001 - a hint only
                 pass
 
@@ -751,7 +772,8 @@ class StripedBackend(Backend):
                 got = await self.children[c].contains_many([k for _j, k in per_child[c]])
                 return [bool(x) for x in got]
             except Exception as exc:  # noqa: BLE001
-                self._child_error(c, exc, "contains")
+                if _device_failure(exc):
+                    self._child_error(c, exc, "contains")
                 return [None] * len(per_child[c])
 
         res = await asyncio.gather(*(one(c) for c in order))
