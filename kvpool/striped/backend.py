@@ -53,7 +53,7 @@ import torch
 import xxhash
 
 from ..storage.buffers import aligned_empty
-from ..errors import BackendError, CapacityError, ConfigError
+from ..errors import BackendError, CapacityError, ConfigError, PoolClosedError
 from .placement import BandwidthProbe, makespan, split_by_weight
 from ..storage.backend import Backend, Capabilities, ReadRequest, nbytes_of
 
@@ -150,7 +150,8 @@ class _Object:
 def _device_failure(exc: BaseException) -> bool:
     """Whether ``exc`` says the child's device failed (EIO, gone, timeout), as opposed to a full child
     (CapacityError) or a caller's mistake (TypeError, NotImplementedError from a meta tensor...)."""
-    return isinstance(exc, OSError)  # BackendError is an OSError; CapacityError and TypeError are not
+    # BackendError is an OSError; a child closed under us is a device that went away
+    return isinstance(exc, (OSError, PoolClosedError))
 
 
 def _piece_key(key: bytes, seq: int, child: int) -> bytes:
@@ -652,7 +653,7 @@ class StripedBackend(Backend):
             for p, k, _v in by_child[c]:
                 written[p].append((c, k))
             if isinstance(r, BaseException):
-                if not isinstance(r, (OSError, CapacityError, ValueError)):
+                if not isinstance(r, (OSError, PoolClosedError, CapacityError, ValueError)):
                     # cancellation, or the caller's error (a tensor the child cannot read: TypeError,
                     # NotImplementedError...): not the device's fault, so no child is marked down
                     fatal = fatal or r
