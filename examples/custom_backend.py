@@ -24,7 +24,12 @@ from kvpool.storage.backend import nbytes_of
 
 class FileDirBackend(Backend):
     scheme = "files"
-    capabilities = Capabilities(persistent=True, partial_reads=True)
+    # Every field is required: files survive restarts, but writes are not fsynced (durable=False, flush
+    # stays the no-op default), no eviction policy (no hints), ranges are read with one seek.
+    capabilities = Capabilities(
+        persistent=True, durable=False, device_memory=False, partial_reads=True, remote=False, queued_io=True,
+        eviction_hints=False, read_bandwidth=None,
+    )
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         super().__init__()

@@ -364,7 +364,10 @@ def test_spec_parsing() -> None:
     )
     d = RedisBackend.from_spec(BackendSpec.parse("redis://127.0.0.1:6379"))
     assert (d.timeout, d.part_size, d.prefix, d.ttl) == (2.0, 4 * MiB, "kvpool:", None)
-    assert d.capabilities == kvpool.Capabilities(persistent=False, remote=True, partial_reads=True)
+    assert d.capabilities == kvpool.Capabilities(
+        persistent=False, durable=False, device_memory=False, partial_reads=True, remote=True, queued_io=True,
+        eviction_hints=False, read_bandwidth=None,
+    )
     assert d.capacity is None
     assert RedisBackend.from_spec(BackendSpec.parse("rediss://u:secret@cache:6380/1")).tls
     assert "secret" not in RedisBackend.from_spec(BackendSpec.parse("rediss://u:secret@cache:6380/1")).address

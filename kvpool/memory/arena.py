@@ -12,7 +12,7 @@ import torch
 
 from ..storage.allocator import ExtentAllocator
 from ..errors import CapacityError
-from ..storage.eviction import EvictionPolicy
+from ..storage.eviction import EvictionPolicy, PolicyHints
 from ..storage.backend import Backend, nbytes_of
 
 __all__ = ["ArenaTier", "Extent"]
@@ -30,7 +30,7 @@ class Extent:
         self.dead = False
 
 
-class ArenaTier(Backend):
+class ArenaTier(PolicyHints, Backend):
     """Index, allocation, eviction and pins over ``self._arena``; subclasses do the copies.
 
     Subclasses set ``_capacity``, ``_alloc`` (an :class:`ExtentAllocator`), ``policy``, ``counters`` (with an

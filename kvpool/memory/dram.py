@@ -71,7 +71,11 @@ class DRAMBackend(ArenaTier):
     """
 
     scheme = "dram"
-    capabilities = Capabilities(persistent=False, partial_reads=True, queued_io=False)
+    # host memory: lost on close, nothing to flush, a copy on the caller's core (no queue), policy-ordered
+    capabilities = Capabilities(
+        persistent=False, durable=False, device_memory=False, partial_reads=True, remote=False, queued_io=False,
+        eviction_hints=True, read_bandwidth=None,
+    )
 
     def __init__(
         self,

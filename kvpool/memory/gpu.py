@@ -71,7 +71,11 @@ class GPUBackend(ArenaTier):
     """
 
     scheme = "gpu"
-    capabilities = Capabilities(persistent=False, device_memory=True, partial_reads=True)
+    # device memory, policy-ordered; its copies queue on a CUDA stream, so the scheduler stays in front
+    capabilities = Capabilities(
+        persistent=False, durable=False, device_memory=True, partial_reads=True, remote=False, queued_io=True,
+        eviction_hints=True, read_bandwidth=None,
+    )
 
     def __init__(
         self,

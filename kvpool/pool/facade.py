@@ -73,6 +73,9 @@ class KVPool:
         self.model_id = model_id
         self.config = config
         self.tiers: list[Backend] = list(tiers)
+        # the optional surfaces, from each tier's declared capabilities, once (never probed per call)
+        self._hinted = [t for t in self.tiers if t.capabilities.eviction_hints]
+        self._durable = [t for t in self.tiers if t.capabilities.durable]
         # locate, read with fallback, store across tiers; every data call goes through a tier's scheduler
         self._tiers = TierSet(self.tiers, config)
         self._io = self._tiers.io
@@ -306,11 +309,9 @@ class KVPool:
         self._counters["chunks_written"] += res.written
         self._counters["chunks_skipped"] += res.skipped
         keys = keys[: res.stored]
-        for tier in self.tiers:
-            link = getattr(getattr(tier, "policy", None), "link", None)
-            if link is not None:  # prefix-aware eviction learns which chunks others depend on
-                for parent, child in zip(keys, keys[1:]):
-                    link(parent, child)
+        for tier in self._hinted:  # prefix-aware eviction learns which chunks others depend on
+            for parent, child in zip(keys, keys[1:]):
+                tier.hint_prefix(parent, child)
         if write_back:  # waits while the write-back queue is full (back-pressure)
             await self._bg.write_back([keys[i] for i in res.top])
         return len(keys) * self.layout.chunk_tokens
@@ -364,11 +365,9 @@ class KVPool:
         if not torch.isfinite(per_chunk).all() or (per_chunk < 0).any():
             raise ValueError("attention scores must be finite and non-negative")
         values = per_chunk.tolist()
-        for tier in self.tiers:
-            observe = getattr(getattr(tier, "policy", None), "observe", None)
-            if observe is not None:
-                for k, m in zip(keys, values):
-                    observe(k, m)
+        for tier in self._hinted:
+            for k, m in zip(keys, values):
+                tier.hint_attention(k, m)
         self._counters["attention_observations"] += 1
 
     @in_flight
@@ -500,10 +499,8 @@ class KVPool:
         tiers (power-loss safe)."""
         self._check_open()
         await self._bg.drain()
-        for tier in self.tiers:
-            fl = getattr(tier, "flush", None)
-            if fl is not None:
-                await fl()
+        for tier in self._durable:
+            await tier.flush()
 
     def __repr__(self) -> str:
         lay = self.layout

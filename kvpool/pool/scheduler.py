@@ -20,6 +20,18 @@ Rules, per tier:
   operations already on the device.
 - Cancellation: a cancelled waiter leaves the queue; a cancelled running operation is cancelled in the
   backend (whose buffers are the caller's, returned on cancellation).
+
+The scheduler is a full proxy: the pool makes every data and membership call to a tier through it
+(``read_many``/``read_into``, ``write_many``/``write``, ``contains_many``/``contains``, ``delete``), and
+calls the backend itself only for its lifecycle (open/close), ``flush``, eviction hints and ``stats``.
+Membership queries and deletes move no bytes. On a ``remote`` tier each is a network round trip that shares
+the connection with the data, so it is queued as a zero-byte operation in the caller's priority class (a
+lookup is foreground; a write-back's "is it there yet?" waits for the slack). On a local tier they are index
+lookups in memory: queueing them behind device reads would only delay the lookup that decides what to read,
+so they go straight through (counted, like everything else).
+
+Range reads on a tier without ``partial_reads``: such a backend is only asked for whole objects, so a
+request for a range (a layer of a chunk) becomes one whole-object read into a temporary buffer and a copy.
 """
 
 from __future__ import annotations
@@ -109,7 +121,9 @@ class TierScheduler:
         self._running = 0
         self._running_bg = 0
         self.counters = {f"ops_{p.name.lower()}": 0 for p in Priority}
-        self.counters.update(cancelled=0, max_queue=0)
+        self.counters.update(cancelled=0, max_queue=0, ops_meta=0, whole_object_reads=0)
+        self.remote = backend.capabilities.remote
+        self.partial_reads = backend.capabilities.partial_reads
         self.wait_time = {p.name.lower(): 0.0 for p in Priority}
         self.bytes = {"read": 0, "written": 0}
         self._recent_bps = 0.0  # EWMA of foreground read bandwidth
@@ -187,8 +201,52 @@ class TierScheduler:
         return out
 
     async def read_many(self, requests: Sequence[ReadRequest]) -> list[bool]:
+        """Serve range reads in the caller's priority class (see the module docstring)."""
         if not requests:
             return []
+        if not self.partial_reads:
+            return await self._read_whole(requests)
+        return await self._read_many(requests)
+
+    async def _read_whole(self, requests: Sequence[ReadRequest]) -> list[bool]:
+        """Range reads on a backend that reads only whole objects: each object asked for a range is read
+        whole (once per key, into a temporary buffer) and the ranges are copied out; requests for a whole
+        object go through unchanged. (A key's objects all have one size -- the key binds the layout -- so
+        the size looked up first is the size read.)"""
+        sizes = [await self.object_size(r.key) for r in requests]
+        out = [False] * len(requests)
+        whole: list[int] = []
+        ranged: dict[bytes, list[int]] = {}
+        size_of: dict[bytes, int] = {}
+        for i, (r, size) in enumerate(zip(requests, sizes)):
+            if size is None:
+                continue  # a miss
+            n = nbytes_of(r.dest)
+            if r.offset < 0 or r.offset + n > size:
+                raise ValueError(f"range [{r.offset}, {r.offset + n}) outside an object of {size} bytes")
+            if r.offset == 0 and n == size:
+                whole.append(i)
+            else:
+                ranged.setdefault(r.key, []).append(i)
+                size_of[r.key] = size
+        tmp = {k: torch.empty(size_of[k], dtype=torch.uint8) for k in ranged}
+        res = await self._read_many([requests[i] for i in whole] + [ReadRequest(k, t) for k, t in tmp.items()])
+        for i, ok in zip(whole, res):
+            out[i] = ok
+        for (k, idx), ok in zip(ranged.items(), res[len(whole):]):
+            if not ok:
+                continue
+            for i in idx:
+                r = requests[i]
+                src = tmp[k][r.offset : r.offset + nbytes_of(r.dest)]
+                if r.offset % r.dest.element_size():
+                    src = src.clone()  # a dtype view needs an element-aligned start
+                r.dest.copy_(src.view(r.dest.dtype).view(r.dest.shape))
+                out[i] = True
+        self.counters["whole_object_reads"] += len(tmp)
+        return out
+
+    async def _read_many(self, requests: Sequence[ReadRequest]) -> list[bool]:
         if not self.queued:  # a memory tier: nothing to queue for, go straight through
             t0 = time.perf_counter()
             res = await self.backend.read_many(requests)
@@ -232,6 +290,29 @@ class TierScheduler:
 
     async def write(self, key: bytes, src: torch.Tensor) -> None:
         await self.write_many([(key, src)])
+
+    # --- membership and deletes: metadata, no bytes --------------------------------------------------------
+    async def _meta(self, fn: Callable[[], Awaitable[T]]) -> T:
+        """A membership query or delete: queued as a zero-byte operation on a remote tier (a round trip on
+        the data's connection), straight through on a local one (an index lookup in memory)."""
+        self.counters["ops_meta"] += 1
+        if self.remote and self.queued:
+            return await self._run(fn)
+        return await fn()
+
+    async def contains_many(self, keys: Sequence[bytes]) -> list[bool]:
+        if not keys:
+            return []
+        return await self._meta(lambda: self.backend.contains_many(keys))
+
+    async def contains(self, key: bytes) -> bool:
+        return await self._meta(lambda: self.backend.contains(key))
+
+    async def delete(self, key: bytes) -> bool:
+        return await self._meta(lambda: self.backend.delete(key))
+
+    async def object_size(self, key: bytes) -> int | None:
+        return await self._meta(lambda: self.backend.object_size(key))
 
     def _account_read(self, reqs: Sequence[ReadRequest], res: Sequence[bool], dt: float) -> None:
         n = sum(nbytes_of(r.dest) for r, ok in zip(reqs, res) if ok)

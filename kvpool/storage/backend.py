@@ -10,6 +10,11 @@ The core is six coroutines -- :meth:`write`, :meth:`read_into`, :meth:`delete`, 
 (:meth:`write_many`, :meth:`read_many`, :meth:`contains_many`) default to running the single forms
 concurrently; fast backends override them with one submission.
 
+Everything else the pool uses is declared, never probed: the required :class:`Capabilities` fields, and the
+optional surfaces -- :meth:`~Backend.flush` (``durable``), the eviction hints (``eviction_hints``) and
+:attr:`~Backend.device_path` -- whose no-op defaults live on :class:`Backend` and which :meth:`Backend.open`
+checks against the declaration once (:func:`check_contract`).
+
 Rules every backend keeps (``kvpool.testing.BackendTests`` checks them):
 
 - ``read_into`` returns ``False`` for a missing, evicted, torn or corrupt object and never fills ``dest`` with
@@ -38,37 +43,61 @@ if TYPE_CHECKING:
 
     from ..config import BackendSpec
 
-__all__ = ["Backend", "Capabilities", "ReadRequest", "nbytes_of", "byte_view"]
+__all__ = ["Backend", "Capabilities", "ReadRequest", "byte_view", "check_contract", "nbytes_of"]
+
+# The methods each declared optional surface makes real: a backend declaring the capability overrides them.
+_SURFACES: dict[str, tuple[str, ...]] = {
+    "durable": ("flush",),
+    "eviction_hints": ("hint_prefix", "hint_attention", "hint_touch"),
+}
 
 
-@attrs.frozen
+def _bandwidth(_inst: object, attr: attrs.Attribute[float | None], value: float | None) -> None:
+    if value is not None and not value > 0:
+        raise ValueError(f"Capabilities.{attr.name} must be None (unknown) or > 0, got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
 class Capabilities:
-    """What a backend is, declared once.
+    """What a backend is, declared once and in full: every field is required (no silent defaults), so a
+    backend author states each property rather than inheriting a guess.
 
     Attributes
     ----------
     persistent
         Objects survive :meth:`Backend.close` and a process crash, and are found again on open.
+    durable
+        :meth:`Backend.flush` is real: after it returns, what was written survives power loss. The pool
+        flushes exactly the tiers that declare it.
     device_memory
-        Objects live in accelerator memory (reads into CUDA tensors are device copies).
+        Objects live in accelerator memory (reads into CUDA tensors are device copies); the conformance
+        suite builds its buffers on that device.
     partial_reads
-        ``read_into`` with an offset reads only the bytes asked for (not the whole object).
+        ``read_into`` serves any ``offset`` and length, reading only the bytes asked for. A backend that
+        says ``False`` is only ever asked for whole objects at offset 0: the pool's scheduler turns a range
+        read (a layer of a chunk) into one whole-object read and a copy.
     remote
-        Objects live in another process or machine (shared between pools).
-    read_bandwidth, write_bandwidth
-        Bytes per second, measured or hinted; ``None`` when unknown. Placement stripes by these.
+        Objects live in another process or machine, one network round trip away. The scheduler queues a
+        remote tier's membership queries (a round trip each) with its data; a local tier answers them from
+        memory, unqueued.
     queued_io
         The backend's operations queue on a device or a network (SSD, remote): the pool puts its I/O
         scheduler in front of it. Memory tiers, whose "I/O" is a memcpy on the caller's core, say ``False``.
+    eviction_hints
+        :meth:`Backend.hint_prefix`, :meth:`Backend.hint_attention` and :meth:`Backend.hint_touch` feed
+        the backend's eviction policy; the pool sends hints only to tiers that declare this.
+    read_bandwidth
+        Bytes per second, measured or hinted; ``None`` when unknown. Striped placement weighs by it.
     """
 
-    persistent: bool = False
-    device_memory: bool = False
-    partial_reads: bool = True
-    remote: bool = False
-    read_bandwidth: float | None = None
-    write_bandwidth: float | None = None
-    queued_io: bool = True
+    persistent: bool
+    durable: bool
+    device_memory: bool
+    partial_reads: bool
+    remote: bool
+    queued_io: bool
+    eviction_hints: bool
+    read_bandwidth: float | None = attrs.field(validator=_bandwidth)
 
 
 @attrs.frozen(slots=True)
@@ -93,15 +122,26 @@ def byte_view(t: torch.Tensor) -> torch.Tensor:
 class Backend(abc.ABC):
     """Base class of every backend. Subclasses implement the abstract coroutines and ``from_spec``.
 
-    Subclasses set :attr:`scheme` (their registry name) and :attr:`capabilities`, and implement
-    ``_open``/``_close`` for resource set-up; :meth:`open`/:meth:`close` handle state and idempotence.
+    Subclasses set :attr:`scheme` (their registry name) and :attr:`capabilities` (a class attribute, or a
+    property computed from the backend's configuration), and implement ``_open``/``_close`` for resource
+    set-up; :meth:`open`/:meth:`close` handle state and idempotence.
+
+    The optional surfaces -- :meth:`flush`, the eviction hints (:meth:`hint_prefix`,
+    :meth:`hint_attention`, :meth:`hint_touch`) and :attr:`device_path` -- have documented no-op defaults
+    here; a backend that makes one real overrides it and declares so in its capabilities (``durable``,
+    ``eviction_hints``). :meth:`open` checks the declaration against the class once, so the pool can build
+    its lists of durable and hinted tiers at open and never probe a tier per call.
     """
 
     scheme: ClassVar[str] = ""
-    capabilities: Capabilities = Capabilities()
 
     def __init__(self) -> None:
         self._is_open = False
+
+    @property
+    @abc.abstractmethod
+    def capabilities(self) -> Capabilities:
+        """What this backend is (see :class:`Capabilities`). Constant while the backend is open."""
 
     # --- construction ------------------------------------------------------------------------------------
     @classmethod
@@ -115,9 +155,21 @@ class Backend(abc.ABC):
         return self._is_open
 
     async def open(self) -> None:
-        """Acquire resources (memory, files, connections). Idempotent."""
+        """Acquire resources (memory, files, connections), then check the declared contract. Idempotent.
+
+        Raises
+        ------
+        TypeError
+            If the backend's :attr:`capabilities` is not a :class:`Capabilities`, or declares an optional
+            surface (``durable``, ``eviction_hints``) whose methods the class leaves as the no-op defaults.
+        """
         if not self._is_open:
             await self._open()
+            try:
+                check_contract(self)
+            except TypeError:
+                await self._close()
+                raise
             self._is_open = True
 
     async def close(self) -> None:
@@ -205,6 +257,32 @@ class Backend(abc.ABC):
             return []
         return list(await asyncio.gather(*(self.contains(k) for k in keys)))
 
+    # --- optional surfaces (no-op defaults; declared real through the capabilities) -----------------------
+    async def flush(self) -> None:
+        """Make every completed write durable against power loss.
+
+        The default does nothing: a backend whose capabilities say ``durable=False`` has no stronger state
+        to reach (memory tiers, caches over a server's own persistence). Durable backends override it.
+        """
+        self._check_open()
+
+    def hint_prefix(self, parent: bytes, child: bytes) -> None:
+        """``child`` is the chunk after ``parent`` in a stored prompt (useless without it). No-op default;
+        backends with ``eviction_hints`` pass it to their policy. Unknown keys are ignored."""
+
+    def hint_attention(self, key: bytes, mass: float) -> None:
+        """The model paid ``mass`` (>= 0) attention to chunk ``key``. No-op default; see :meth:`hint_prefix`."""
+
+    def hint_touch(self, key: bytes) -> None:
+        """Treat ``key`` as just used (a hit that did not go through :meth:`read_into`, e.g. the record of a
+        striped object whose pieces were read). No-op default; see :meth:`hint_prefix`."""
+
+    @property
+    def device_path(self) -> str | None:
+        """The file or block device the backend's bytes live on, for bandwidth probing and its cache;
+        ``None`` (the default) for backends without one."""
+        return None
+
     # --- observability -----------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         """Counters of this backend (objects, bytes, hits, misses, corrupt reads...)."""
@@ -212,3 +290,25 @@ class Backend(abc.ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {'open' if self._is_open else 'closed'}>"
+
+
+def check_contract(backend: Backend) -> None:
+    """Check once (at open) that ``backend`` declares its capabilities and implements what they claim.
+
+    Raises
+    ------
+    TypeError
+        If ``capabilities`` is not a :class:`Capabilities`, or a declared surface's methods are the base
+        class's no-op defaults.
+    """
+    caps = backend.capabilities
+    if not isinstance(caps, Capabilities):
+        raise TypeError(f"{type(backend).__name__}.capabilities must be a kvpool.Capabilities, got {caps!r}")
+    for field, methods in _SURFACES.items():
+        if getattr(caps, field):
+            lacking = [m for m in methods if getattr(type(backend), m) is getattr(Backend, m)]
+            if lacking:
+                raise TypeError(
+                    f"{type(backend).__name__} declares {field}=True but leaves {', '.join(lacking)} as the "
+                    "no-op default"
+                )

@@ -40,6 +40,7 @@ __all__ = [
     "EvictionPolicy",
     "LRUPolicy",
     "PrefixAwarePolicy",
+    "PolicyHints",
     "S3FIFOPolicy",
     "make_policy",
 ]
@@ -533,3 +534,21 @@ def make_policy(name: str) -> EvictionPolicy:
         return POLICIES[name]()
     except KeyError:
         raise ConfigError(f"unknown eviction policy {name!r}; known: {', '.join(sorted(POLICIES))}") from None
+
+
+class PolicyHints:
+    """Mixin for a backend whose objects are ordered by an :class:`EvictionPolicy` in ``self.policy``: the
+    backend's eviction-hint surface (``hint_prefix``/``hint_attention``/``hint_touch``, see
+    :class:`kvpool.storage.backend.Backend`) fed straight to the policy. Put it before ``Backend`` in the
+    bases and declare ``eviction_hints=True``."""
+
+    policy: EvictionPolicy
+
+    def hint_prefix(self, parent: bytes, child: bytes) -> None:
+        self.policy.link(parent, child)
+
+    def hint_attention(self, key: bytes, mass: float) -> None:
+        self.policy.observe(key, mass)
+
+    def hint_touch(self, key: bytes) -> None:
+        self.policy.touch(key)  # every policy ignores keys it does not hold

@@ -262,8 +262,8 @@ class BandwidthProbe:
     # --- cache -------------------------------------------------------------------------------------------
     @staticmethod
     def _identity(backend: Backend) -> dict[str, Any] | None:
-        path = getattr(backend, "path", None)
-        if not isinstance(path, str) or not path:
+        path = backend.device_path
+        if not path:
             return None
         ident: dict[str, Any] = {"scheme": backend.scheme, "path": os.path.abspath(path), "capacity": backend.capacity}
         try:
@@ -283,8 +283,8 @@ class BandwidthProbe:
         """Where the result for ``backend`` is cached, ``None`` if it is not."""
         if not self.use_cache:
             return None
-        path = getattr(backend, "path", None)
-        if not isinstance(path, str) or not path:
+        path = backend.device_path
+        if not path:
             return None
         try:
             device = not stat.S_ISREG(os.stat(path).st_mode)
