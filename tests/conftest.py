@@ -9,6 +9,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+# real servers for the remote tiers (redis, a redis cluster, Mooncake), shared by every test file
+from harness.fixtures import (  # noqa: E402,F401
+    mooncake_cluster,
+    own_mooncake,
+    own_redis,
+    redis_cluster,
+    redis_server,
+)
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     try:

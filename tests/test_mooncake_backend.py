@@ -1,9 +1,11 @@
 """The mooncake:// tier against a real Mooncake Store on loopback ports (no mocks).
 
 A cluster is one ``mooncake_master`` (with its HTTP metadata server) and one storage node (the wheel's
-``mooncake_client``, lending a segment of its memory); the pools under test are pure clients. One session-wide
-cluster serves most tests (each test uses its own key prefix); the fault tests (SIGKILL, SIGSTOP) start a
-cluster of their own. Every process is stopped in teardown.
+``mooncake_client``, lending a segment of its memory); the pools under test are pure clients. The cluster is the
+shared harness's (``tests/harness``, fixtures in ``conftest.py``): one session-wide cluster serves the tests
+here (each test uses its own key prefix), and its finalizer closes this process's idle Mooncake clients before
+it stops the master. The fault tests (SIGKILL, SIGSTOP) are in ``tests/remote/test_faults.py``, run against
+both remote tiers.
 
 Needs the client wheel: ``pip install mooncake-transfer-engine-non-cuda`` (or the efa-non-cuda build plus
 ``apt-get install libfabric1``); the module is skipped, with the import error, without it.
@@ -12,27 +14,15 @@ Needs the client wheel: ``pip install mooncake-transfer-engine-non-cuda`` (or th
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import textwrap
 import time
-import urllib.request
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 
 try:
-    import mooncake
     from mooncake.store import MooncakeDistributedStore
 except ImportError as _exc:  # the wheel, or a shared library it needs (libfabric.so.1, libcuda.so.1), is missing
     pytest.skip(
@@ -41,184 +31,38 @@ except ImportError as _exc:  # the wheel, or a shared library it needs (libfabri
         allow_module_level=True,
     )
 
-
-def _binary(name: str) -> str | None:
-    here = os.path.join(os.path.dirname(mooncake.__file__), name)
-    if os.path.isfile(here) and os.access(here, os.X_OK):
-        return here
-    return shutil.which(name)
-
-
-MASTER_BIN = _binary("mooncake_master")
-NODE_BIN = _binary("mooncake_client")
-if MASTER_BIN is None or NODE_BIN is None:
-    pytest.skip("the Mooncake wheel installed no mooncake_master / mooncake_client binary", allow_module_level=True)
+from harness.procs import put_then_get  # noqa: E402
+from harness.servers import MooncakeCluster, http_get  # noqa: E402
+from harness.servers import unique_prefix as _prefix  # noqa: E402
+from harness.servers import free_port as _free_port  # noqa: E402
 
 import kvpool  # noqa: E402
-from kvpool import BackendError, ConfigError, KVLayout, KVPool  # noqa: E402
-from kvpool.storage.backend import ReadRequest  # noqa: E402
-from kvpool.remote.mooncake import MooncakeBackend  # noqa: E402
+from kvpool import BackendError, ConfigError  # noqa: E402
 from kvpool.config import BackendSpec  # noqa: E402
+from kvpool.remote.mooncake import MooncakeBackend  # noqa: E402
+from kvpool.storage.backend import ReadRequest  # noqa: E402
 from kvpool.storage.registry import backend_from_spec  # noqa: E402
 from kvpool.testing import BackendTests  # noqa: E402
 from kvpool.testing.backend_tests import rand_bytes, rand_key  # noqa: E402
 
 KiB = 1 << 10
 MiB = 1 << 20
-ROOT = Path(__file__).resolve().parents[1]
-
-
-# --- servers ------------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _listening(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-def _http(port: int, path: str) -> str | None:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
-            return str(r.read().decode())
-    except OSError:
-        return None
-
-
-def _stop(proc: subprocess.Popen[bytes] | None) -> None:
-    if proc is not None and proc.poll() is None:
-        try:
-            proc.send_signal(signal.SIGCONT)  # a paused process cannot act on SIGTERM
-            proc.terminate()
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-
-
-class MooncakeCluster:
-    """``mooncake_master`` (RPC, HTTP metadata and admin servers on free loopback ports) and one storage node
-    lending ``segment`` bytes."""
-
-    def __init__(self, workdir: Path, segment: str = "1GB") -> None:
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.master: subprocess.Popen[bytes] | None = None
-        self.node: subprocess.Popen[bytes] | None = None
-        try:
-            self._start_master(workdir)
-            self._start_node(workdir, segment)
-        except BaseException:
-            self.stop()
-            raise
-
-    def _start_master(self, workdir: Path) -> None:
-        assert MASTER_BIN is not None
-        for _attempt in range(5):
-            self.port, self.meta_port, self.admin_port = _free_port(), _free_port(), _free_port()
-            if len({self.port, self.meta_port, self.admin_port}) < 3:
-                continue
-            self.master_log = workdir / f"master-{self.port}.log"
-            with open(self.master_log, "wb") as log:
-                self.master = subprocess.Popen(
-                    [MASTER_BIN, f"--rpc_port={self.port}", "--rpc_address=127.0.0.1",
-                     "--enable_http_metadata_server=true", "--http_metadata_server_host=127.0.0.1",
-                     f"--http_metadata_server_port={self.meta_port}", "--metrics_host=127.0.0.1",
-                     f"--metrics_port={self.admin_port}", "--logtostderr"],
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                )
-            deadline = time.monotonic() + 15
-            while time.monotonic() < deadline and self.master.poll() is None:
-                if all(_listening(p) for p in (self.port, self.meta_port)) and _http(
-                    self.admin_port, "/get_all_segments"
-                ) is not None:
-                    return
-                time.sleep(0.05)
-            _stop(self.master)  # a port was taken meanwhile, or the master failed: try others
-        raise RuntimeError(f"mooncake_master did not start; see {self.master_log}")
-
-    def _start_node(self, workdir: Path, segment: str) -> None:
-        assert NODE_BIN is not None
-        for _attempt in range(3):
-            self.node_port = _free_port()
-            self.node_log = workdir / f"node-{self.node_port}.log"
-            with open(self.node_log, "wb") as log:
-                self.node = subprocess.Popen(
-                    [NODE_BIN, f"--global_segment_size={segment}", "--host=127.0.0.1", f"--port={self.node_port}",
-                     f"--master_server_address=127.0.0.1:{self.port}", f"--metadata_server={self.metadata}"],
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                )
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline and self.node.poll() is None:
-                if (_http(self.admin_port, "/get_all_segments") or "").strip():
-                    return  # its segment is mounted
-                time.sleep(0.05)
-            _stop(self.node)
-        raise RuntimeError(f"the mooncake storage node did not start; see {self.node_log}")
-
-    @property
-    def metadata(self) -> str:
-        return f"http://127.0.0.1:{self.meta_port}/metadata"
-
-    @property
-    def master_address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def spec(self, **opts: Any) -> str:
-        q = {"metadata": self.metadata, "admin": f"127.0.0.1:{self.admin_port}", **opts}
-        return f"mooncake://{self.master_address}?" + "&".join(f"{k}={v}" for k, v in q.items())
-
-    def backend(self, **kw: Any) -> MooncakeBackend:
-        kw.setdefault("prefix", _prefix())
-        kw.setdefault("buffer", 32 * MiB)
-        return MooncakeBackend(self.master_address, metadata=self.metadata, admin=f"127.0.0.1:{self.admin_port}",
-                               **kw)
-
-    def all_keys(self) -> list[str]:
-        return (_http(self.admin_port, "/get_all_keys") or "").split()
-
-    def stop(self) -> None:
-        _stop(self.node)
-        _stop(self.master)
 
 
 @pytest.fixture(scope="session")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MooncakeCluster]:
-    c = MooncakeCluster(tmp_path_factory.mktemp("mooncake"))
-    try:
-        yield c
-    finally:
-        c.stop()
-
-
-@pytest.fixture
-def own_cluster(tmp_path: Path) -> Iterator[MooncakeCluster]:
-    """A cluster of this test's own (to kill or pause its master)."""
-    c = MooncakeCluster(tmp_path / "own", segment="256MB")
-    try:
-        yield c
-    finally:
-        c.stop()
-
-
-@pytest.fixture(scope="session")
-def raw(cluster: MooncakeCluster) -> Iterator[Any]:
+def raw(mooncake_cluster: MooncakeCluster) -> Iterator[Any]:
     """A plain client of the session cluster, to look at and damage what the backend stored."""
     s = MooncakeDistributedStore()
-    assert s.setup("127.0.0.1", cluster.metadata, 0, 64 * MiB, "tcp", "", cluster.master_address) == 0
+    assert s.setup("127.0.0.1", mooncake_cluster.metadata, 0, 64 * MiB, "tcp", "", mooncake_cluster.master_address) == 0
     try:
         yield s
     finally:
         s.close()
 
 
-def _prefix() -> str:
-    return f"t{uuid.uuid4().hex[:12]}:"
+@pytest.fixture
+def cluster(mooncake_cluster: MooncakeCluster) -> MooncakeCluster:
+    return mooncake_cluster
 
 
 def _part_names(cluster: MooncakeCluster, b: MooncakeBackend, key: bytes) -> list[str]:
@@ -256,8 +100,8 @@ class TestMooncakeConformance(BackendTests):
     bounded = False
 
     @pytest.fixture(autouse=True)
-    def _cluster(self, cluster: MooncakeCluster) -> None:
-        self.cluster = cluster
+    def _cluster(self, mooncake_cluster: MooncakeCluster) -> None:
+        self.cluster = mooncake_cluster
 
     async def make_backend(self, tmp_path: Path, capacity: int) -> MooncakeBackend:
         return self.cluster.backend()
@@ -472,80 +316,7 @@ async def test_lent_segment(cluster: MooncakeCluster) -> None:
         outs = [torch.empty_like(x) for _, x in items]
         assert await b.read_many([ReadRequest(k, o) for (k, _), o in zip(items, outs)]) == [True] * 8
         assert all(torch.equal(o, x) for (_, x), o in zip(items, outs))
-    assert any(s.strip() for s in (_http(cluster.admin_port, "/get_all_segments") or "").splitlines())
-
-
-# --- a master that dies or stalls -----------------------------------------------------------------------------
-async def test_master_killed_mid_run(own_cluster: MooncakeCluster) -> None:
-    layout = KVLayout(num_layers=2, num_kv_heads=2, head_dim=16, dtype=torch.float16, chunk_tokens=16)
-    remote = own_cluster.backend(timeout=0.5, retry_after=0.2)
-    tokens = np.arange(64)
-    kv = torch.randn(layout.kv_shape(64)).to(torch.float16)
-    pool = await KVPool.open(layout=layout, model_id="m", backends=["dram://?capacity=1MiB", remote])
-    async with pool:
-        assert await pool.put(tokens, kv) == 64
-        keys = pool.keys_for(tokens)
-        assert await remote.contains_many(keys) == [True] * 4
-        assert own_cluster.master is not None
-        own_cluster.master.send_signal(signal.SIGKILL)
-        own_cluster.master.wait(5)
-        dest = torch.empty(layout.chunk_nbytes, dtype=torch.uint8)
-        for _ in range(2):  # the first call of each round meets the dead master, the others the open breaker
-            t0 = time.monotonic()
-            assert await remote.read_into(keys[0], dest) is False
-            assert await remote.contains(keys[0]) is False
-            assert await remote.contains_many(keys) == [False] * 4
-            assert await remote.read_many([ReadRequest(k, dest) for k in keys[:2]]) == [False, False]
-            assert await remote.object_size(keys[0]) is None
-            assert time.monotonic() - t0 < 1.5
-            await asyncio.sleep(0.25)
-        # the pool keeps serving what DRAM holds
-        assert await pool.lookup(tokens) == 64
-        got = await pool.get(tokens)
-        assert torch.equal(got, kv)
-        # writes fail loudly, and the pool rolls the DRAM copy back
-        with pytest.raises(BackendError):
-            await pool.put(np.arange(100, 132), torch.randn(layout.kv_shape(32)).to(torch.float16))
-        assert await pool.lookup(np.arange(100, 132)) == 0
-        st = remote.stats()
-        assert st["timeouts"] + st["errors"] >= 1 and st["misses"] >= 1
-        assert st["address"] == own_cluster.master_address
-    assert not remote.is_open
-
-
-async def test_paused_master_reads_time_out(own_cluster: MooncakeCluster) -> None:
-    async with own_cluster.backend(timeout=0.5, retry_after=0.3, part_size=16 * KiB) as b:
-        k1, k2 = rand_key(), rand_key()
-        d1, d2 = rand_bytes(4 * KiB, 1), rand_bytes(64 * KiB, 2)
-        await b.write_many([(k1, d1), (k2, d2)])
-        o1, o2 = torch.empty_like(d1), torch.empty_like(d2)
-        assert own_cluster.master is not None
-        own_cluster.master.send_signal(signal.SIGSTOP)
-        try:
-            t0 = time.monotonic()
-            assert await b.read_into(k2, o2) is False
-            assert 0.4 < time.monotonic() - t0 < 1.2
-            t0 = time.monotonic()
-            assert await b.read_into(k1, o1) is False  # the breaker answers at once
-            assert await b.contains(k1) is False
-            assert time.monotonic() - t0 < 0.2
-            await asyncio.sleep(0.35)
-            t0 = time.monotonic()
-            assert await b.contains_many([k1, k2]) == [False, False]
-            assert 0.4 < time.monotonic() - t0 < 1.2
-            with pytest.raises(BackendError):
-                await b.write(rand_key(), d1)
-            assert b.stats()["timeouts"] == 2
-        finally:
-            own_cluster.master.send_signal(signal.SIGCONT)
-        # the tier comes back by itself once the master answers again
-        await asyncio.sleep(0.35)
-        deadline = time.monotonic() + 10
-        while not await b.read_into(k2, o2):
-            assert time.monotonic() < deadline, b.stats()
-            await asyncio.sleep(0.2)
-        assert torch.equal(o2, d2)
-        assert await b.read_into(k1, o1) and torch.equal(o1, d1)
+    assert any(s.strip() for s in (http_get(cluster.admin_port, "/get_all_segments") or "").splitlines())
 
 
 async def test_unreachable_master_fails_open() -> None:
@@ -605,46 +376,8 @@ def test_spec_parsing() -> None:
 
 
 # --- two processes sharing the remote tier ------------------------------------------------------------------
-_SCRIPT = textwrap.dedent(
-    """
-    import asyncio, json, sys
-    import numpy as np, torch, kvpool
-
-    async def main(role: str, spec: str) -> None:
-        layout = kvpool.KVLayout(num_layers=4, num_kv_heads=2, head_dim=32, dtype=torch.bfloat16,
-                                 chunk_tokens=32)
-        tokens = np.random.default_rng(1).integers(0, 50_000, 200)
-        kv = torch.randn(layout.kv_shape(200), generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
-        async with await kvpool.KVPool.open(layout=layout, model_id="m",
-                                            backends=["dram://?capacity=8MiB", spec]) as pool:
-            if role == "put":
-                n = await pool.put(tokens, kv)
-            else:
-                n = await pool.lookup(tokens)
-                got = await pool.get(tokens)
-                assert torch.equal(got, kv[:, :, :n]), "data differs"
-            st = pool.stats()["tiers"]
-            print(json.dumps({"n": n, "dram_hits": st[0]["hits"], "remote_hits": st[1]["hits"]}))
-
-    asyncio.run(main(sys.argv[1], sys.argv[2]))
-    """
-)
-
-
 def test_two_processes_share_the_remote_tier(cluster: MooncakeCluster, tmp_path: Path) -> None:
-    script = tmp_path / "proc.py"
-    script.write_text(_SCRIPT)
-    spec = cluster.spec(prefix=_prefix(), part_size="16KiB", buffer="16MiB")
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-
-    def run(role: str) -> dict[str, int]:
-        p = subprocess.run([sys.executable, str(script), role, spec], capture_output=True, text=True, env=env,
-                           timeout=60, check=False)
-        assert p.returncode == 0, p.stderr[-3000:]
-        result: dict[str, int] = json.loads(p.stdout.strip().splitlines()[-1])
-        return result
-
-    a = run("put")
+    a, b = put_then_get(cluster.spec(prefix=_prefix(), part_size="16KiB", buffer="16MiB"), tmp_path)
     assert a["n"] == 192
-    b = run("get")  # a fresh process: its DRAM is empty, everything comes from the remote tier
+    # a fresh process: its DRAM is empty, everything comes from the remote tier
     assert b == {"n": 192, "dram_hits": 0, "remote_hits": 6}

@@ -1,132 +1,46 @@
 """The redis:// tier against real redis-server processes on loopback ports (no mocks).
 
-One session-wide server serves most tests (each test uses its own key prefix); the fault tests (SIGKILL,
-SIGSTOP), the cluster test and the two-process test start servers of their own. Every server is stopped in
-teardown.
+The servers are the shared harness's (``tests/harness``, fixtures in ``conftest.py``): one session-wide
+server serves most tests (each test uses its own key prefix); the cluster test starts three nodes of its own.
+The fault tests (SIGKILL, SIGSTOP) are in ``tests/remote/test_faults.py``, run against both remote tiers.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import textwrap
-import time
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("redis", reason="redis-py is not installed (pip install 'kvpool[redis]')")
-if shutil.which("redis-server") is None:
-    pytest.skip("redis-server is not installed (apt-get install redis-server)", allow_module_level=True)
 
 import redis.asyncio as aredis  # noqa: E402
+from harness.procs import put_then_get  # noqa: E402
+from harness.servers import RedisClusterNodes, RedisServer, listening  # noqa: E402
+from harness.servers import free_port as _free_port  # noqa: E402
+from harness.servers import unique_prefix as _prefix  # noqa: E402
 
 import kvpool  # noqa: E402
-from kvpool import BackendError, ConfigError, KVLayout, KVPool  # noqa: E402
-from kvpool.storage.backend import ReadRequest  # noqa: E402
-from kvpool.remote.redis import RedisBackend  # noqa: E402
+from kvpool import BackendError, ConfigError  # noqa: E402
 from kvpool.config import BackendSpec  # noqa: E402
+from kvpool.remote.redis import RedisBackend  # noqa: E402
+from kvpool.storage.backend import ReadRequest  # noqa: E402
 from kvpool.storage.registry import backend_from_spec  # noqa: E402
 from kvpool.testing import BackendTests  # noqa: E402
 from kvpool.testing.backend_tests import rand_bytes, rand_key  # noqa: E402
 
 KiB = 1 << 10
 MiB = 1 << 20
-ROOT = Path(__file__).resolve().parents[1]
-
-
-# --- servers ------------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _ping(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(64).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
-class RedisProc:
-    """One redis-server subprocess on 127.0.0.1."""
-
-    def __init__(self, workdir: Path, *extra: str) -> None:
-        workdir.mkdir(parents=True, exist_ok=True)
-        for _attempt in range(5):
-            self.port = _free_port()
-            self.log = workdir / f"redis-{self.port}.log"
-            self.proc = subprocess.Popen(
-                ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                 "--appendonly", "no", "--dir", str(workdir), "--logfile", str(self.log), *extra],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-            )
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and self.proc.poll() is None:
-                if _ping(self.port):
-                    return
-                time.sleep(0.02)
-            self.stop()  # the port was taken meanwhile, or the server failed: try another
-        raise RuntimeError(f"redis-server did not start; see {self.log}")
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.proc.send_signal(signal.SIGCONT)  # a paused server cannot act on SIGTERM
-                self.proc.terminate()
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProc]:
-    srv = RedisProc(tmp_path_factory.mktemp("redis"))
-    try:
-        yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture
-def own_server(tmp_path: Path) -> Iterator[RedisProc]:
-    """A server of this test's own (to kill or pause)."""
-    srv = RedisProc(tmp_path / "own")
-    try:
-        yield srv
-    finally:
-        srv.stop()
-
-
-@pytest.fixture
-async def raw(redis_server: RedisProc) -> AsyncIterator[aredis.Redis]:
+async def raw(redis_server: RedisServer) -> AsyncIterator[aredis.Redis]:
     r = aredis.Redis(host="127.0.0.1", port=redis_server.port)
     try:
         yield r
     finally:
         await r.aclose()
-
-
-def _prefix() -> str:
-    return f"t{uuid.uuid4().hex[:12]}:"
 
 
 async def _part_names(r: aredis.Redis, b: RedisBackend, key: bytes) -> list[bytes]:
@@ -139,7 +53,7 @@ class TestRedisConformance(BackendTests):
     bounded = False
 
     @pytest.fixture(autouse=True)
-    def _server(self, redis_server: RedisProc) -> None:
+    def _server(self, redis_server: RedisServer) -> None:
         self.url = redis_server.url
 
     async def make_backend(self, tmp_path: Path, capacity: int) -> RedisBackend:
@@ -154,7 +68,7 @@ class TestRedisMultipartConformance(TestRedisConformance):
 
 
 # --- format, parts, faults ----------------------------------------------------------------------------------
-async def test_multipart_objects_and_partial_reads(redis_server: RedisProc, raw: aredis.Redis) -> None:
+async def test_multipart_objects_and_partial_reads(redis_server: RedisServer, raw: aredis.Redis) -> None:
     async with RedisBackend(redis_server.url, prefix=_prefix(), part_size=64 * KiB) as b:
         k, d = rand_key(), rand_bytes(MiB + 123, 1)  # 17 parts, the last one short
         await b.write(k, d)
@@ -186,7 +100,7 @@ async def test_multipart_objects_and_partial_reads(redis_server: RedisProc, raw:
         assert await b.read_into(k, sub, 10) is False
 
 
-async def test_large_objects_verify_off_the_event_loop(redis_server: RedisProc) -> None:
+async def test_large_objects_verify_off_the_event_loop(redis_server: RedisServer) -> None:
     # >= 8 MiB: checksums and copies run in a worker thread, on both sides
     async with RedisBackend(redis_server.url, prefix=_prefix(), part_size=MiB) as b:
         k, d = rand_key(), rand_bytes(9 * MiB + 1, 8)
@@ -197,7 +111,7 @@ async def test_large_objects_verify_off_the_event_loop(redis_server: RedisProc) 
         assert b.stats()["bytes_read"] == 9 * MiB + 1
 
 
-async def test_part_deleted_underneath_is_a_miss(redis_server: RedisProc, raw: aredis.Redis) -> None:
+async def test_part_deleted_underneath_is_a_miss(redis_server: RedisServer, raw: aredis.Redis) -> None:
     async with RedisBackend(redis_server.url, prefix=_prefix(), part_size=16 * KiB) as b:
         k, d = rand_key(), rand_bytes(100 * KiB, 2)
         await b.write(k, d)
@@ -215,7 +129,7 @@ async def test_part_deleted_underneath_is_a_miss(redis_server: RedisProc, raw: a
         assert torch.equal(out, d)
 
 
-async def test_flipped_bytes_are_misses_never_data(redis_server: RedisProc, raw: aredis.Redis) -> None:
+async def test_flipped_bytes_are_misses_never_data(redis_server: RedisServer, raw: aredis.Redis) -> None:
     async with RedisBackend(redis_server.url, prefix=_prefix(), part_size=16 * KiB) as b:
         big, small = rand_key(), rand_key()
         d_big, d_small = rand_bytes(64 * KiB, 3), rand_bytes(4 * KiB, 4)
@@ -251,7 +165,7 @@ async def test_flipped_bytes_are_misses_never_data(redis_server: RedisProc, raw:
         assert await b.read_into(small, o2) and torch.equal(o2, d_small)
 
 
-async def test_overwrite_expires_the_old_parts(redis_server: RedisProc, raw: aredis.Redis) -> None:
+async def test_overwrite_expires_the_old_parts(redis_server: RedisServer, raw: aredis.Redis) -> None:
     async with RedisBackend(redis_server.url, prefix=_prefix(), part_size=16 * KiB) as b:
         k = rand_key()
         await b.write(k, rand_bytes(64 * KiB, 5))
@@ -270,7 +184,7 @@ async def test_overwrite_expires_the_old_parts(redis_server: RedisProc, raw: are
         assert not await b.contains(k)
 
 
-async def test_ttl_and_keys(redis_server: RedisProc, raw: aredis.Redis) -> None:
+async def test_ttl_and_keys(redis_server: RedisServer, raw: aredis.Redis) -> None:
     spec = f"redis://127.0.0.1:{redis_server.port}/0?ttl=30&part_size=16KiB&prefix={_prefix()}"
     b = backend_from_spec(spec)
     assert isinstance(b, RedisBackend)
@@ -281,71 +195,6 @@ async def test_ttl_and_keys(redis_server: RedisProc, raw: aredis.Redis) -> None:
         assert len(names) == 6 * 4  # 6 headers + 3 parts each
         assert all([0 < await raw.pttl(n) <= 30_000 for n in names])
         assert {k async for k in b.keys()} == ks  # headers only, exactly once each
-
-
-async def test_server_killed_mid_run(own_server: RedisProc) -> None:
-    layout = KVLayout(num_layers=2, num_kv_heads=2, head_dim=16, dtype=torch.float16, chunk_tokens=16)
-    remote = RedisBackend(own_server.url, prefix=_prefix(), timeout=0.5, retry_after=0.2)
-    tokens = np.arange(64)
-    kv = torch.randn(layout.kv_shape(64)).to(torch.float16)
-    pool = await KVPool.open(layout=layout, model_id="m", backends=["dram://?capacity=1MiB", remote])
-    async with pool:
-        assert await pool.put(tokens, kv) == 64
-        keys = pool.keys_for(tokens)
-        assert await remote.contains_many(keys) == [True] * 4
-        own_server.proc.send_signal(signal.SIGKILL)
-        own_server.proc.wait(5)
-        dest = torch.empty(layout.chunk_nbytes, dtype=torch.uint8)
-        for _ in range(2):  # the first call of each round meets the dead server, the others the open breaker
-            t0 = time.monotonic()
-            assert await remote.read_into(keys[0], dest) is False
-            assert await remote.contains(keys[0]) is False
-            assert await remote.contains_many(keys) == [False] * 4
-            assert await remote.read_many([ReadRequest(k, dest) for k in keys[:2]]) == [False, False]
-            assert await remote.object_size(keys[0]) is None
-            assert time.monotonic() - t0 < 1.0
-            await asyncio.sleep(0.25)
-        # the pool keeps serving what DRAM holds
-        assert await pool.lookup(tokens) == 64
-        got = await pool.get(tokens)
-        assert torch.equal(got, kv)
-        # writes fail loudly, and the pool rolls the DRAM copy back
-        with pytest.raises(BackendError):
-            await pool.put(np.arange(100, 132), torch.randn(layout.kv_shape(32)).to(torch.float16))
-        assert await pool.lookup(np.arange(100, 132)) == 0
-        st = remote.stats()
-        assert st["errors"] >= 1 and st["misses"] >= 1 and st["address"] == f"127.0.0.1:{own_server.port}/0"
-
-
-async def test_paused_server_reads_time_out(own_server: RedisProc) -> None:
-    async with RedisBackend(own_server.url, prefix=_prefix(), timeout=0.5, retry_after=0.3,
-                            part_size=16 * KiB) as b:
-        k1, k2 = rand_key(), rand_key()
-        d1, d2 = rand_bytes(4 * KiB, 1), rand_bytes(64 * KiB, 2)
-        await b.write_many([(k1, d1), (k2, d2)])
-        o1, o2 = torch.empty_like(d1), torch.empty_like(d2)
-        own_server.proc.send_signal(signal.SIGSTOP)
-        try:
-            t0 = time.monotonic()
-            assert await b.read_into(k2, o2) is False
-            assert 0.4 < time.monotonic() - t0 < 1.2
-            t0 = time.monotonic()
-            assert await b.read_into(k1, o1) is False  # the breaker answers at once
-            assert await b.contains(k1) is False
-            assert time.monotonic() - t0 < 0.2
-            await asyncio.sleep(0.35)
-            t0 = time.monotonic()
-            assert await b.contains_many([k1, k2]) == [False, False]
-            assert 0.4 < time.monotonic() - t0 < 1.2
-            with pytest.raises(BackendError):
-                await b.write(rand_key(), d1)
-            assert b.stats()["timeouts"] == 2
-        finally:
-            own_server.proc.send_signal(signal.SIGCONT)
-        # the tier comes back by itself once the server answers again
-        await asyncio.sleep(0.35)
-        assert await b.read_into(k2, o2) and torch.equal(o2, d2)
-        assert await b.read_into(k1, o1) and torch.equal(o1, d1)
 
 
 async def test_unreachable_server_fails_open() -> None:
@@ -394,7 +243,7 @@ def test_spec_parsing() -> None:
             RedisBackend.from_spec(BackendSpec.parse(bad))
 
 
-async def test_lookup_of_many_keys(redis_server: RedisProc, raw: aredis.Redis) -> None:
+async def test_lookup_of_many_keys(redis_server: RedisServer, raw: aredis.Redis) -> None:
     async with RedisBackend(redis_server.url, prefix=_prefix()) as b:
         keys = [rand_key() for _ in range(600)]
         await b.write_many([(k, rand_bytes(64)) for k in keys[::3]])
@@ -413,48 +262,15 @@ async def test_lookup_of_many_keys(redis_server: RedisProc, raw: aredis.Redis) -
         assert await b.contains_many(keys) == [i == 5 for i in range(20)]
 
 
-async def test_keys_must_be_16_bytes(redis_server: RedisProc) -> None:
+async def test_keys_must_be_16_bytes(redis_server: RedisServer) -> None:
     async with RedisBackend(redis_server.url, prefix=_prefix()) as b:
         with pytest.raises(ValueError):
             await b.write(b"short", rand_bytes(16))
 
 
 # --- Redis Cluster ------------------------------------------------------------------------------------------
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[list[RedisProc]]:
-    if shutil.which("redis-cli") is None:
-        pytest.skip("redis-cli is not installed")
-    nodes: list[RedisProc] = []
-    try:
-        for i in range(3):
-            d = tmp_path / f"node{i}"
-            nodes.append(RedisProc(d, "--cluster-enabled", "yes", "--cluster-config-file",
-                                   str(d / "nodes.conf"), "--cluster-node-timeout", "2000"))
-        subprocess.run(
-            ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in nodes),
-             "--cluster-replicas", "0", "--cluster-yes"],
-            check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-            timeout=30,
-        )
-        deadline = time.monotonic() + 15
-        while True:
-            states = [
-                subprocess.run(["redis-cli", "-p", str(n.port), "cluster", "info"], capture_output=True,
-                               text=True, timeout=5, check=False).stdout
-                for n in nodes
-            ]
-            if all("cluster_state:ok" in s for s in states):
-                break
-            assert time.monotonic() < deadline, f"the cluster did not come up: {states}"
-            time.sleep(0.1)
-        yield nodes
-    finally:
-        for n in nodes:
-            n.stop()
-
-
-async def test_cluster_roundtrip(cluster: list[RedisProc]) -> None:
-    spec = f"redis+cluster://127.0.0.1:{cluster[0].port}?part_size=64KiB&prefix={_prefix()}"
+async def test_cluster_roundtrip(redis_cluster: RedisClusterNodes) -> None:
+    spec = f"redis+cluster://127.0.0.1:{redis_cluster.ports[0]}?part_size=64KiB&prefix={_prefix()}"
     b = backend_from_spec(spec)
     assert isinstance(b, RedisBackend)
     async with b:
@@ -478,51 +294,13 @@ async def test_cluster_roundtrip(cluster: list[RedisProc]) -> None:
         assert listed == set(keys) | {k}
         assert await b.delete(k) and not await b.contains(k)
     # every node holds some of it
-    for n in cluster:
-        assert _ping(n.port)
+    for port in redis_cluster.ports:
+        assert listening(port)
 
 
 # --- two processes sharing the remote tier ------------------------------------------------------------------
-_SCRIPT = textwrap.dedent(
-    """
-    import asyncio, json, sys
-    import numpy as np, torch, kvpool
-
-    async def main(role: str, spec: str) -> None:
-        layout = kvpool.KVLayout(num_layers=4, num_kv_heads=2, head_dim=32, dtype=torch.bfloat16,
-                                 chunk_tokens=32)
-        tokens = np.random.default_rng(1).integers(0, 50_000, 200)
-        kv = torch.randn(layout.kv_shape(200), generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
-        async with await kvpool.KVPool.open(layout=layout, model_id="m",
-                                            backends=["dram://?capacity=8MiB", spec]) as pool:
-            if role == "put":
-                n = await pool.put(tokens, kv)
-            else:
-                n = await pool.lookup(tokens)
-                got = await pool.get(tokens)
-                assert torch.equal(got, kv[:, :, :n]), "data differs"
-            st = pool.stats()["tiers"]
-            print(json.dumps({"n": n, "dram_hits": st[0]["hits"], "remote_hits": st[1]["hits"]}))
-
-    asyncio.run(main(sys.argv[1], sys.argv[2]))
-    """
-)
-
-
-def test_two_processes_share_the_remote_tier(redis_server: RedisProc, tmp_path: Path) -> None:
-    script = tmp_path / "proc.py"
-    script.write_text(_SCRIPT)
-    spec = f"redis://127.0.0.1:{redis_server.port}/0?prefix={_prefix()}"
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-
-    def run(role: str) -> dict[str, int]:
-        p = subprocess.run([sys.executable, str(script), role, spec], capture_output=True, text=True, env=env,
-                           timeout=60, check=False)
-        assert p.returncode == 0, p.stderr[-3000:]
-        result: dict[str, int] = json.loads(p.stdout.strip().splitlines()[-1])
-        return result
-
-    a = run("put")
+def test_two_processes_share_the_remote_tier(redis_server: RedisServer, tmp_path: Path) -> None:
+    a, b = put_then_get(f"redis://127.0.0.1:{redis_server.port}/0?prefix={_prefix()}", tmp_path)
     assert a["n"] == 192
-    b = run("get")  # a fresh process: its DRAM is empty, everything comes from the remote tier
+    # a fresh process: its DRAM is empty, everything comes from the remote tier
     assert b == {"n": 192, "dram_hits": 0, "remote_hits": 6}
