@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from harness.raw import UringRawHooks
 from kvpool import BackendError, ConfigError, PoolLockedError
 from kvpool.ssd import format as fmt
+from kvpool.ssd.errors import NotAPoolError
 from kvpool.ssd.store import UringBackend
 from kvpool.config import BackendSpec
 from kvpool.testing import BackendTests
@@ -17,13 +19,13 @@ from kvpool.testing.backend_tests import rand_bytes, rand_key
 MiB = 1 << 20
 
 
-class TestUringFileConformance(BackendTests):
+class TestUringFileConformance(UringRawHooks, BackendTests):
     async def make_backend(self, tmp_path: Path, capacity: int) -> UringBackend:
         tmp_path.mkdir(parents=True, exist_ok=True)
         return UringBackend(tmp_path / "pool.kv", capacity + 256 * 1024, bounce=8 * MiB)
 
 
-class TestUringBounceOnlyConformance(BackendTests):
+class TestUringBounceOnlyConformance(UringRawHooks, BackendTests):
     """Same contract when nothing is read straight into caller memory."""
 
     async def make_backend(self, tmp_path: Path, capacity: int) -> UringBackend:
@@ -117,9 +119,11 @@ async def test_damaged_metadata_still_opens(tmp_path: Path) -> None:
         await b.write(k2, d2)
         out = torch.empty_like(d2)
         assert await b.read_into(k2, out) and torch.equal(out, d2)
-    with open(path, "r+b") as f:  # superblock trashed: reformat
+    with open(path, "r+b") as f:  # superblock trashed: no longer recognisable as ours, so refused ...
         f.write(os.urandom(4096))
-    async with UringBackend(path, 16 * MiB) as b:
+    with pytest.raises(NotAPoolError, match="unknown data"):
+        await UringBackend(path, 16 * MiB).open()
+    async with UringBackend(path, 16 * MiB, format=True) as b:  # ... unless the user asks to format it
         assert len(b) == 0
 
 

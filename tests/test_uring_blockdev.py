@@ -59,15 +59,14 @@ class TestUringBlockDeviceConformance(BackendTests):
         self.dev = loopdev
 
     async def make_backend(self, tmp_path: Path, capacity: int) -> UringBackend:
-        # A new test starts from a blank device (its superblock wiped); a reopen within a test does not.
-        marker = tmp_path / ".device-wiped"
-        if not marker.exists():
+        # A new test starts from a freshly formatted device (format=True: the device holds the previous test's
+        # pool, of another size); a reopen within a test recovers it.
+        marker = tmp_path / ".device-formatted"
+        first = not marker.exists()
+        if first:
             tmp_path.mkdir(parents=True, exist_ok=True)
-            with open(self.dev, "r+b", buffering=0) as f:
-                f.write(b"\0" * 4096)
-                os.fsync(f.fileno())
             marker.touch()
-        return UringBackend(self.dev, capacity + 256 * 1024)
+        return UringBackend(self.dev, capacity + 256 * 1024, format=first)
 
 
 async def test_blockdev_pool_roundtrip_and_reopen(loopdev: str) -> None:
@@ -75,7 +74,7 @@ async def test_blockdev_pool_roundtrip_and_reopen(loopdev: str) -> None:
     tokens = list(range(256))
     kv = torch.randn(layout.kv_shape(256)).half()
     spec = f"uring://{loopdev}?capacity=32MiB"
-    async with await KVPool.open(layout=layout, model_id="m", backends=[spec]) as pool:
+    async with await KVPool.open(layout=layout, model_id="m", backends=[spec + "&format=1"]) as pool:
         assert pool.tiers[0].stats()["block_device"] is True
         await pool.put(tokens, kv)
         with pytest.raises(PoolLockedError):
@@ -91,11 +90,11 @@ async def test_blockdev_capacity_larger_than_device(loopdev: str) -> None:
     from kvpool import ConfigError
 
     with pytest.raises(ConfigError, match="exceeds"):
-        await UringBackend(loopdev, 1 << 40).open()
+        await UringBackend(loopdev, 1 << 40, format=True).open()
 
 
 async def test_blockdev_whole_device_default_capacity(loopdev: str) -> None:
-    async with UringBackend(loopdev) as b:
+    async with UringBackend(loopdev, format=True) as b:
         assert b.capacity is not None and 60 * MiB < b.capacity < 64 * MiB
         k, d = rand_key(), rand_bytes(3 * MiB)
         await b.write(k, d)

@@ -11,6 +11,21 @@ SQE); otherwise it goes through registered bounce buffers (READ_FIXED) and one `
 batch is queued before a single ``io_uring_enter``; completions arrive on the event loop through an eventfd.
 Each object carries per-part xxh3 checksums seeded with its key, verified after every read: a mismatch or an
 I/O error is a miss (counted), never data.
+
+What opening does with what is at PATH (kvpool never formats what it cannot recognise as its own):
+
+- nothing there, or an empty file: a new pool is formatted (a new file needs ``capacity``);
+- a kvpool pool: it is recovered. ``capacity`` may be left out (the pool's own size is used); a different
+  ``capacity`` is refused (ConfigError), since reformatting would lose the pool's objects;
+- anything else -- a filesystem, a partition table, zeros, unknown bytes, a pool of an older format -- is
+  refused with :class:`~kvpool.ssd.errors.NotAPoolError` naming the path and what its first bytes look like;
+  a kvpool superblock that does not check out with :class:`~kvpool.ssd.errors.PoolDamagedError`;
+- ``?format=1`` (``UringBackend(..., format=True)``) formats PATH at every open, whatever it holds
+  (destroying it): for a new pool on a used device, or to change a pool's ``capacity``.
+
+:meth:`UringBackend.open_readonly` (used by ``kvpool inspect``/``fsck``) never writes, locks or formats, and
+works on a pool another process holds open. A block device of size 0 (a detached loop device) is reported as
+such.
 """
 
 from __future__ import annotations
@@ -31,6 +46,7 @@ import xxhash
 
 from ..storage.allocator import ExtentAllocator
 from ..errors import BackendError, CapacityError, ConfigError, PoolLockedError
+from .errors import NotAPoolError, PoolDamagedError
 from ..storage.eviction import EvictionPolicy, PolicyHints, make_policy
 from ..storage.buffers import OFFLOAD_BYTES, aligned_empty, alloc_aligned, buffer_address, tensor_runs
 from .settle import gather_settled, wait_uncancellable
@@ -158,6 +174,11 @@ class UringBackend(PolicyHints, Backend):
         Eviction policy name or object.
     direct
         Read straight into caller memory when it is aligned (default); ``False`` forces bounce buffers.
+    format
+        Format whatever is at ``path`` (``?format=1``), destroying it, on this open. Without it, only a missing
+        or empty file is formatted; anything else that is not a kvpool pool is refused (:class:`NotAPoolError`).
+    readonly
+        Open without writing, locking or formatting (see :meth:`open_readonly`).
     """
 
     scheme = "uring"
@@ -177,6 +198,8 @@ class UringBackend(PolicyHints, Backend):
         sqpoll: bool = False,
         policy: str | EvictionPolicy = "lru",
         direct: bool = True,
+        format: bool = False,  # noqa: A002  (the spec option's name)
+        readonly: bool = False,
     ) -> None:
         super().__init__()
         self.path = os.fspath(path)
@@ -189,6 +212,10 @@ class UringBackend(PolicyHints, Backend):
         self.policy = make_policy(policy) if isinstance(policy, str) else policy
         self._policy_name = policy if isinstance(policy, str) else None
         self._direct = direct
+        self._format_ok = format
+        self._readonly = readonly
+        if format and readonly:
+            raise ConfigError(f"uring://{self.path}: format and readonly exclude each other")
         self._fd = -1
         self._engine: UringEngine | None = None
         self._bounce: _Bounce | None = None
@@ -221,7 +248,7 @@ class UringBackend(PolicyHints, Backend):
 
     @classmethod
     def from_spec(cls, spec: BackendSpec) -> Self:
-        spec.check_known(("capacity", "entries", "bounce", "sqpoll", "policy", "direct"))
+        spec.check_known(("capacity", "entries", "bounce", "sqpoll", "policy", "direct", "format"))
         return cls(
             spec.location,
             spec.size("capacity"),
@@ -230,7 +257,18 @@ class UringBackend(PolicyHints, Backend):
             sqpoll=spec.flag("sqpoll"),
             policy=spec.params.get("policy", "lru"),
             direct=spec.flag("direct", True),
+            format=spec.flag("format"),
         )
+
+    @classmethod
+    def open_readonly(cls, path: str | os.PathLike[str], **kwargs: Any) -> Self:
+        """A view of the pool at ``path`` that never writes, locks or formats: ``async with`` it to read.
+
+        It recovers the index the way an open does (checkpoint, then the journal) but writes no checkpoint,
+        takes no lock and does not open a device exclusively, so it works on a pool another process holds
+        open (and sees that pool as of its last journal block). Writes and deletes raise BackendError.
+        """
+        return cls(path, readonly=True, **kwargs)
 
     # --- sizes -------------------------------------------------------------------------------------------
     @property
@@ -257,29 +295,34 @@ class UringBackend(PolicyHints, Backend):
         try:
             await self._open_inner()
         except BaseException:
-            await self._teardown()
+            await self._teardown()  # a failed open holds nothing: no ring, no descriptor, no lock
+            self._geo = None
+            self._alloc = None
+            self._index.clear()
             raise
 
     async def _open_inner(self) -> None:
         path = self.path
+        ro = self._readonly
         try:
-            st = os.stat(path)
-            exists = True
+            st: os.stat_result | None = os.stat(path)
         except FileNotFoundError:
-            exists = False
             st = None
         except OSError as exc:
             raise self._oserror(exc.errno or errno_mod.EIO, f"cannot stat {path}") from exc
+        exists = st is not None
         self.is_block_device = bool(st and stat.S_ISBLK(st.st_mode))
-        flags = os.O_RDWR | os.O_CLOEXEC | getattr(os, "O_DIRECT", 0)
-        if self.is_block_device:
+        if st is not None and not (self.is_block_device or stat.S_ISREG(st.st_mode)):
+            raise ConfigError(f"uring://{path} is neither a regular file nor a block device")
+        if not exists and ro:
+            raise self._oserror(errno_mod.ENOENT, f"{path} does not exist")
+        flags = (os.O_RDONLY if ro else os.O_RDWR) | os.O_CLOEXEC | getattr(os, "O_DIRECT", 0)
+        if self.is_block_device and not ro:
             flags |= os.O_EXCL  # refuses a device that is mounted or held by another O_EXCL opener
         elif not exists:
             if self._req_capacity is None:
                 raise ConfigError(f"uring://{path}: a new pool file needs ?capacity=SIZE")
-            flags |= os.O_CREAT
-        elif st is not None and not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"uring://{path} is neither a regular file nor a block device")
+            flags |= os.O_CREAT | os.O_EXCL  # we create it, or we treat it as something already there
         deadline = asyncio.get_running_loop().time() + _LOCK_WAIT_S
         err: OSError | None = None
         while True:
@@ -298,53 +341,101 @@ class UringBackend(PolicyHints, Backend):
                 raise PoolLockedError(err.errno, f"{path} is in use (mounted or opened exclusively)", path) from err
             if err.errno == errno_mod.EINVAL:
                 raise self._oserror(err.errno, f"{path}: the filesystem does not support O_DIRECT") from err
+            if err.errno == errno_mod.EEXIST:
+                raise self._oserror(err.errno, f"{path} appeared while the pool was being created") from err
             raise self._oserror(err.errno or errno_mod.EIO, f"cannot open {path}") from err
-        # A process killed a moment ago still holds the lock until the kernel tears its ring down (the ring's
-        # registered-file reference keeps the open file alive): wait a little before calling the file taken.
-        while True:
-            try:
-                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as exc:
-                if exc.errno not in (errno_mod.EWOULDBLOCK, errno_mod.EAGAIN):
-                    raise self._oserror(exc.errno or errno_mod.EIO, f"cannot lock {path}") from exc
-                if asyncio.get_running_loop().time() >= deadline:
-                    raise PoolLockedError(exc.errno, f"{path} is already used by another open pool", path) from exc
-                await asyncio.sleep(0.02)
+        if not ro:
+            await self._lock(deadline)
 
         if self.is_block_device:
-            dev_size = os.lseek(self._fd, 0, os.SEEK_END)
-            total = self._req_capacity or dev_size
-            if total > dev_size:
-                raise ConfigError(f"uring://{path}: capacity {total} exceeds the device's {dev_size} bytes")
+            size = os.lseek(self._fd, 0, os.SEEK_END)
+            if size == 0:
+                raise self._oserror(errno_mod.ENXIO, f"{path} is a block device of size 0 "
+                                    "(a loop device with no backing file, or a removed disk?)")
         else:
-            cur = os.fstat(self._fd).st_size
-            total = self._req_capacity if self._req_capacity is not None else cur
-            if total < cur and exists and self._req_capacity is not None and cur > 0:
-                # never silently shrink someone's cache file; a grown capacity is a reformat below
-                pass
-        total -= total % BLOCK
-        if total < 4 * fmt.BLOCK + 3 * 64 * 1024 + (1 << 20):
-            raise ConfigError(f"uring://{path}: capacity {total} is too small (at least 2 MiB)")
-        if not self.is_block_device:
-            await asyncio.to_thread(self._preallocate, total, created=not exists)
+            size = os.fstat(self._fd).st_size
 
         self._engine = UringEngine(entries=self._entries, sqpoll=self._sqpoll)
         self._engine.register_files([self._fd])
         self._bounce = _Bounce(self._bounce_bytes)
         self._engine.register_buffers([self._bounce.buf])
-        self._mem_align = await self._probe_mem_align()
         self._max_io = _device_max_io(os.fstat(self._fd), self.is_block_device)
+        await self._load_or_format(size, exists=exists)
+        # probed once block 0 holds a superblock (an O_DIRECT read at EOF checks no alignment)
+        self._mem_align = await self._probe_mem_align()
 
-        sb = await self._read_meta(0, BLOCK)
-        geo = fmt.Geometry.unpack_superblock(sb) if sb is not None else None
-        if geo is None or geo.total != total:
-            if geo is not None:
-                log.warning("%s: pool was formatted for %d bytes, now %d: reformatting", path, geo.total, total)
-            await self._format(total)
-        else:
+    async def _load_or_format(self, size: int, *, exists: bool) -> None:
+        """Recover the pool at the path, or format it if it is new (or the user asked): see the module doc."""
+        path, ro = self.path, self._readonly
+        fresh = not exists or (not self.is_block_device and size == 0)  # nothing there that could be lost
+        if fresh or self._format_ok:
+            if ro:
+                raise NotAPoolError(errno_mod.ENODATA, f"{path} is empty: not a kvpool pool", path)
+            if not fresh:
+                log.warning("%s: formatting it (format=1), whatever it held", path)
+            await self._format(self._total_for(self._req_capacity, size), created=not exists)
+            return
+        head = await self._read_head(min(fmt.SNIFF_BYTES, size))
+        kind, what = fmt.identify(head)
+        if kind == "pool":
+            geo = fmt.Geometry.unpack_superblock(head)
+            assert geo is not None
+            want = None if self._req_capacity is None else self._total_for(self._req_capacity, size)
+            if want is not None and want != geo.total:
+                raise ConfigError(
+                    f"uring://{path} holds a kvpool pool of {geo.total} bytes; opening it with capacity={want} "
+                    f"would destroy it. Open it with capacity={geo.total} (or none) to keep its data, or add "
+                    "?format=1 to reformat it (its objects are lost)"
+                )
+            if geo.total > size and self.is_block_device:
+                raise PoolDamagedError(errno_mod.EIO, f"{path}: the pool is {geo.total} bytes but the device "
+                                       f"only {size} (was the device shrunk?)", path)
+            if geo.total > size and not ro:  # a pool file someone truncated: it is ours, grow it back
+                await asyncio.to_thread(self._preallocate, geo.total, created=False)
             self._geo = geo
             await self._recover()
+            return
+        if kind == "damaged-pool":
+            raise PoolDamagedError(errno_mod.EUCLEAN, f"{path}: {what}. Nothing was changed; `kvpool fsck {path}` "
+                                   "shows what is left, ?format=1 reformats it (its objects are lost)", path)
+        raise NotAPoolError(
+            errno_mod.EEXIST,
+            f"{path} is not a kvpool pool: it holds {what}. kvpool never formats what it does not recognise as "
+            "its own; add ?format=1 (UringBackend(..., format=True)) to format it, destroying what is there",
+            path,
+        )
+
+    def _total_for(self, capacity: int | None, size: int) -> int:
+        """The pool size to format: the requested capacity (a device's size by default), whole blocks."""
+        if self.is_block_device:
+            total = capacity or size
+            if total > size:
+                raise ConfigError(f"uring://{self.path}: capacity {total} exceeds the device's {size} bytes")
+        else:
+            if capacity is None:
+                if size == 0:
+                    raise ConfigError(f"uring://{self.path}: a new pool file needs ?capacity=SIZE")
+                capacity = size
+            total = capacity
+        total -= total % BLOCK
+        if total < 4 * fmt.BLOCK + 3 * 64 * 1024 + (1 << 20):
+            raise ConfigError(f"uring://{self.path}: capacity {total} is too small (at least 2 MiB)")
+        return total
+
+    async def _lock(self, deadline: float) -> None:
+        # A process killed a moment ago still holds the lock until the kernel tears its ring down (the ring's
+        # registered-file reference keeps the open file alive): wait a little before calling the file taken.
+        while True:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno_mod.EWOULDBLOCK, errno_mod.EAGAIN):
+                    raise self._oserror(exc.errno or errno_mod.EIO, f"cannot lock {self.path}") from exc
+                if asyncio.get_running_loop().time() >= deadline:
+                    raise PoolLockedError(exc.errno, f"{self.path} is already used by another open pool",
+                                          self.path) from exc
+                await asyncio.sleep(0.02)
 
     def _preallocate(self, total: int, *, created: bool) -> None:
         """Reserve the file's blocks up front (no ENOSPC mid-put); on failure leave no half-grown file."""
@@ -396,8 +487,9 @@ class UringBackend(PolicyHints, Backend):
 
     async def _close(self) -> None:
         try:
-            await self._drain_journal()
-            await self._checkpoint()  # next open replays nothing
+            if not self._readonly:
+                await self._drain_journal()
+                await self._checkpoint()  # next open replays nothing
         finally:
             await self._teardown()
             self._index.clear()
@@ -413,6 +505,8 @@ class UringBackend(PolicyHints, Backend):
     async def flush(self) -> None:
         """Make every completed put durable against power loss (fdatasync of the file or device)."""
         self._check_open()
+        if self._readonly:
+            return
         await self._drain_journal()
         assert self._engine is not None
         (res,) = await self._engine.submit([(OP_FSYNC, 0, 0, 0, None)])
@@ -428,6 +522,19 @@ class UringBackend(PolicyHints, Backend):
             if res >= 0:
                 return align
         return BLOCK
+
+    async def _read_head(self, n: int) -> bytes:
+        """The first ``n`` bytes (fewer if the file is shorter), zero-padded to ``n``."""
+        assert self._engine is not None
+        size = fmt.align_up(max(n, BLOCK))
+        buf = alloc_aligned(size, hugepages=False)
+        try:
+            (res,) = await self._engine.submit([(OP_READ, 0, 0, 0, ("iov", [(buffer_address(buf), size)]))])
+            if res < 0:
+                raise self._oserror(-res, f"cannot read the start of {self.path}")
+            return bytes(buf[:res]).ljust(n, b"\0")[:n]
+        finally:
+            buf.close()
 
     async def _read_meta(self, offset: int, n: int) -> bytes | None:
         assert self._engine is not None
@@ -455,15 +562,25 @@ class UringBackend(PolicyHints, Backend):
             raise self._oserror(errno_mod.EIO, f"short metadata write at {offset}")
 
     # --- format and recovery -----------------------------------------------------------------------------
-    async def _format(self, total: int) -> None:
-        geo = fmt.Geometry.for_size(total)
+    async def _format(self, total: int, *, created: bool) -> None:
+        """Lay out an empty pool of ``total`` bytes under a new format uuid.
+
+        The superblock goes first: from that moment only checkpoints of the new uuid count, so a crash at any
+        later point leaves an empty pool, never the previous format's objects. Both checkpoint slots are then
+        cleared as well (older kvpool versions did not bind checkpoints to a format).
+        """
+        geo = fmt.Geometry.for_size(total, os.urandom(16))
         self._geo = geo
         self._alloc = ExtentAllocator(geo.d_len, BLOCK)
         self._index.clear()
-        self._epoch = random.getrandbits(62)  # stale blocks of an earlier format never match
+        self._meta_bytes = 0
+        self._epoch = random.getrandbits(62)  # stale journal blocks of an earlier format never match
+        await self._write_meta(0, geo.pack_superblock())
+        if not self.is_block_device:
+            await asyncio.to_thread(self._preallocate, total, created=created)
+        await self._write_meta(geo.ckpt_a, b"\0" * BLOCK)
         await self._write_meta(geo.ckpt_b, b"\0" * BLOCK)
         await self._checkpoint()
-        await self._write_meta(0, geo.pack_superblock())
 
     async def _recover(self) -> None:
         geo = self._geo
@@ -472,7 +589,7 @@ class UringBackend(PolicyHints, Backend):
         entries: list[fmt.Entry]
         for slot in (geo.ckpt_a, geo.ckpt_b):
             head = await self._read_meta(slot, BLOCK)
-            h = fmt.checkpoint_header(head) if head else None
+            h = fmt.checkpoint_header(head, geo.uuid) if head else None
             if h is None:
                 continue
             epoch, n, plen, pcrc = h
@@ -534,7 +651,8 @@ class UringBackend(PolicyHints, Backend):
             self._meta_bytes += e.packed_size
             self.policy.insert(e.key, e.length)
         self.counters["recovered_objects"] = len(self._index)
-        await self._checkpoint()  # compact: the replayed journal is folded into a new checkpoint
+        if not self._readonly:
+            await self._checkpoint()  # compact: the replayed journal is folded into a new checkpoint
 
     async def _checkpoint(self, index: dict[bytes, fmt.Entry] | None = None) -> None:
         """Write the whole index to the older slot with a new epoch; the journal starts over."""
@@ -542,7 +660,7 @@ class UringBackend(PolicyHints, Backend):
         assert geo is not None
         epoch = self._epoch + 1
         entries = sorted((self._index if index is None else index).values(), key=lambda e: e.seq)
-        data = fmt.pack_checkpoint(epoch, entries)
+        data = fmt.pack_checkpoint(epoch, entries, geo.uuid)
         if len(data) > geo.ckpt_len:  # cannot happen: writes keep _meta_bytes within the slot
             raise self._oserror(errno_mod.ENOSPC, "checkpoint does not fit its slot")
         slot = geo.ckpt_a if epoch % 2 == 0 else geo.ckpt_b
@@ -678,8 +796,13 @@ class UringBackend(PolicyHints, Backend):
         groups.append(range(start, len(sizes)))
         return groups
 
-    async def write_many(self, items: Sequence[tuple[bytes, torch.Tensor]]) -> None:
+    def _check_writable(self) -> None:
         self._check_open()
+        if self._readonly:
+            raise self._oserror(errno_mod.EROFS, f"{self.path} is open read-only")
+
+    async def write_many(self, items: Sequence[tuple[bytes, torch.Tensor]]) -> None:
+        self._check_writable()
         for _, src in items:
             if nbytes_of(src) == 0:
                 raise ValueError("cannot store an empty object")
@@ -957,7 +1080,7 @@ class UringBackend(PolicyHints, Backend):
 
     # --- the rest of the core ----------------------------------------------------------------------------
     async def delete(self, key: bytes) -> bool:
-        self._check_open()
+        self._check_writable()
         e = self._index.pop(key, None)
         if e is None:
             return False

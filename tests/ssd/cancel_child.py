@@ -25,8 +25,7 @@ SENTINEL = 0xAB
 async def main(dev: str, trials: int) -> None:
     rng = random.Random(7)
     out_report = {"cancelled": 0, "completed": 0, "overwritten": 0, "direct": 0, "bounce": 0}
-    async with UringBackend(dev, 64 * MiB, bounce=64 * MiB, **({"format": True} if "format" in
-                            UringBackend.__init__.__code__.co_varnames else {})) as b:
+    async with UringBackend(dev, 64 * MiB, bounce=64 * MiB, format=True) as b:
         key = bytes(range(16))
         await b.write(key, torch.randint(0, 255, (N,), dtype=torch.uint8))  # never SENTINEL-only
         for t in range(trials):

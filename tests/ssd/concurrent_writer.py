@@ -2,7 +2,8 @@
 
 Prints ``ack RUN I`` after each put returns (flushed at once, so the parent learns of every acknowledged put
 before it kills us) and ``done`` when the quota is written. Object ``I``'s bytes are a function of (RUN, I).
-Usage: concurrent_writer.py SPEC RUN WRITERS QUOTA   (SPEC may be CHILD|CHILD|... for a striped tier)
+Usage: concurrent_writer.py SPEC RUN WRITERS QUOTA [hold]   (SPEC may be CHILD|CHILD|... for a striped tier;
+``hold``: after ``done``, keep the pool open until killed instead of closing it)
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def data_of(run: int, i: int) -> torch.Tensor:
     return torch.randint(0, 256, (size_of(i),), dtype=torch.uint8, generator=g)
 
 
-async def main(spec: str, run: int, writers: int, quota: int) -> None:
+async def main(spec: str, run: int, writers: int, quota: int, hold: bool = False) -> None:
     if "|" in spec:  # a striped tier over the children SPEC1|SPEC2|...
         from kvpool.striped.backend import StripedBackend
 
@@ -54,8 +55,10 @@ async def main(spec: str, run: int, writers: int, quota: int) -> None:
     await asyncio.gather(*(writer() for _ in range(writers)))
     sys.stdout.write("done\n")
     sys.stdout.flush()
+    if hold:  # a crash with the pool open: no close-time checkpoint
+        await asyncio.sleep(3600)
     await b.close()
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])))
+    asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5:] == ["hold"]))

@@ -119,7 +119,7 @@ def test_concurrent_sigkill_block_device(make_loop: Callable[[int], str]) -> Non
 
 
 async def _format(dev: str) -> None:
-    async with UringBackend(dev, CAPACITY):
+    async with UringBackend(dev, CAPACITY, format=True):
         pass
 
 
@@ -135,7 +135,7 @@ def test_concurrent_sigkill_striped(make_loop: Callable[[int], str]) -> None:
         return StripedBackend.from_specs(children)
 
     async def fmt() -> None:
-        async with reopen(0):
+        async with StripedBackend.from_specs([c + "&format=1" for c in children]):
             pass
 
     asyncio.run(fmt())
