@@ -49,7 +49,8 @@ class BackendSpec:
     def parse(cls, text: str) -> BackendSpec:
         if not isinstance(text, str) or "://" not in text:
             raise ConfigError(f"backend spec {text!r} is not of the form 'scheme://location?option=value'")
-        parts = urlsplit(text)
+        # no fragments: '#' is an ordinary character of a file name (uring:///data/kv#1.pool), never a cut
+        parts = urlsplit(text, allow_fragments=False)
         scheme = parts.scheme.lower()
         if not scheme:
             raise ConfigError(f"backend spec {text!r} has no scheme")

@@ -30,6 +30,8 @@ from .tiers import TIER_FAILURES, TierSet
 
 __all__ = ["Background"]
 
+_WB_BATCH_BYTES = 16 << 20
+
 
 class Background:
     """Queues and workers for the pool's background copies.
@@ -45,11 +47,12 @@ class Background:
     counters
         The pool's counters, updated in place.
     buffer
-        Returns one chunk-sized uint8 tensor of the pool's staging memory (a worker holds one while it runs).
+        ``buffer(n)`` returns an ``[n, chunk_nbytes]`` uint8 tensor of the pool's staging memory (a worker
+        holds one while it runs).
     """
 
     def __init__(self, tiers: TierSet, chunk_nbytes: int, config: PoolConfig, counters: dict[str, int],
-                 buffer: Callable[[], Awaitable[torch.Tensor]]) -> None:
+                 buffer: Callable[[int], Awaitable[torch.Tensor]]) -> None:
         self._tiers = tiers
         self._buffer = buffer
         self._chunk = chunk_nbytes
@@ -125,32 +128,38 @@ class Background:
                 f.set_result(None)
 
     async def _run_write_back(self) -> None:
-        buf = await self._buffer()
+        # one batch of chunks per round (one submission per lower tier), capped so the worker's buffer
+        # stays small whatever the chunk size
+        batch = max(1, min(64, _WB_BATCH_BYTES // self._chunk))
+        buf = await self._buffer(batch)
         with io_class(Priority.WRITE_BACK):
             while self._wb:
-                key = self._wb.popleft()
+                keys = [self._wb.popleft() for _ in range(min(batch, len(self._wb)))]
                 try:
-                    await self._write_back_one(key, buf)
+                    await self._write_back_batch(keys, [buf[i] for i in range(len(keys))])
                 finally:
-                    self._wb_bytes -= self._chunk
+                    self._wb_bytes -= len(keys) * self._chunk
                     self._wake_writers()
 
-    async def _write_back_one(self, key: bytes, buf: torch.Tensor) -> None:
+    async def _write_back_batch(self, keys: list[bytes], bufs: list[torch.Tensor]) -> None:
         ts = self._tiers
-        read = False
+        # gone from the first tier before it was written back: a cache may lose it (counted as a miss)
+        n = await ts.read_views(keys, [0] * len(keys), bufs, 0)
+        ok = [True] * n
+        for c in range(n, len(keys)):  # read_views stops at the first unreadable chunk: try the rest alone
+            ok.append(bool(await ts.read_views([keys[c]], [0], [bufs[c]], 0)))
         for t in range(1, len(ts)):
-            have = await ts.contains(t, [key])
-            if have is None or have[0]:
+            have = await ts.contains(t, keys)
+            if have is None:
                 continue
-            if not read:
-                if not (await ts.read_views([key], [0], [buf], 0)):
-                    return  # gone from the first tier before it was written back: a cache may lose it
-                read = True
+            items = [(k, b) for k, b, h, r in zip(keys, bufs, have, ok) if r and not h]
+            if not items:
+                continue
             try:
-                await ts.io[t].write(key, buf)
-                self._counters["write_backs"] += 1
+                await ts.io[t].write_many(items)
+                self._counters["write_backs"] += len(items)
             except TIER_FAILURES as exc:
-                self._counters["write_back_failures"] += 1
+                self._counters["write_back_failures"] += len(items)
                 ts.fault(t, "write_failures", exc)
 
     # --- promotion ---------------------------------------------------------------------------------------
@@ -170,7 +179,7 @@ class Background:
             self._promo_worker = self._spawn(self._run_promotions())
 
     async def _run_promotions(self) -> None:
-        buf = await self._buffer()
+        buf = (await self._buffer(1))[0]
         with io_class(Priority.PROMOTION):
             while self._promo:
                 key, t = self._promo.popleft()
@@ -213,7 +222,7 @@ class Background:
     async def _move_up(self, todo: list[tuple[bytes, int]], futs: dict[bytes, asyncio.Future[None]],
                        need: int) -> None:
         try:
-            buf = await self._buffer()
+            buf = (await self._buffer(1))[0]
             with io_class(Priority.PREFETCH):
                 for k, t in todo:
                     try:

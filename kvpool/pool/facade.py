@@ -336,9 +336,10 @@ class KVPool:
         if await self._bg.join_moves(keys):
             self._counters["prefetch_joins"] += 1
 
-    async def _chunk_buffer(self) -> torch.Tensor:
-        """One chunk of staging memory, for a background copy."""
-        return await self._staging.acquire((self.layout.chunk_nbytes,), torch.uint8, wait_s=self.config.staging_wait_s)
+    async def _chunk_buffer(self, n: int) -> torch.Tensor:
+        """``n`` chunks of staging memory (``[n, chunk_nbytes]`` bytes), for a background copy."""
+        return await self._staging.acquire((n, self.layout.chunk_nbytes), torch.uint8,
+                                           wait_s=self.config.staging_wait_s)
 
     @in_flight
     async def observe_attention(self, tokens: Tokens, scores: Any) -> None:
