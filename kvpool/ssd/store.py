@@ -92,6 +92,12 @@ def _device_max_io(st: os.stat_result, is_block: bool) -> int:
     return _MAX_IO
 
 
+def _op_len(op: tuple[Any, ...]) -> int:
+    """Bytes a read or write op moves when it completes in full."""
+    spec = op[4]
+    return int(spec[3]) if spec[0] == "fixed" else sum(n for _, n in spec[1])
+
+
 def _part_seed(key: bytes, part: int) -> int:
     return (fmt.key_seed(key) + part * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
 
@@ -869,9 +875,11 @@ class UringBackend(PolicyHints, Backend):
                 else:
                     ops.extend(self._iov_ops(OP_WRITE, runs, file_off))
             results = await self._engine.submit(ops)
-            bad = [r for r in results if r < 0]
-            if bad:
-                raise self._oserror(-bad[0], "write failed")
+            for op, r in zip(ops, results):
+                if r < 0:
+                    raise self._oserror(-r, "write failed")
+                if r != _op_len(op):  # a short write (e.g. past a shrunk device's end) is a failed write
+                    raise self._oserror(errno_mod.EIO, f"short write at {op[3]}: {r} of {_op_len(op)} bytes")
             # data is on the device: now the journal names it, then readers may see it
             recs = dels + [fmt.put_record(e) for _, e, _, _ in staged]
 
@@ -1025,9 +1033,7 @@ class UringBackend(PolicyHints, Backend):
             res = await self._engine.submit(ops) if ops else []
             failed = set()
             for owner, rv, op in zip(op_owner, res, ops):
-                spec = op[4]
-                want = spec[3] if spec[0] == "fixed" else sum(n for _, n in spec[1])
-                if rv != want:
+                if rv != _op_len(op):
                     failed.add(owner)
             bounce_t = self._bounce.tensor
 

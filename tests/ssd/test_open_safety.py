@@ -192,3 +192,45 @@ async def test_detached_loop_device_reported() -> None:
         pytest.skip(f"{dev} has no device node")
     with pytest.raises(KVPoolError, match="size 0.*loop device with no backing file"):
         await UringBackend(dev, 16 * MiB).open()
+
+
+@pytest.mark.blockdev
+async def test_short_write_is_a_failed_write(tmp_path: Path) -> None:
+    """A device shrunk under an open pool: a write straddling its new end completes short (a positive count
+    below the length). That put must fail, and its object must not be visible."""
+    why = loop_unavailable()
+    if why:
+        pytest.skip(why)
+    from conftest import attach_loop, detach_loop  # type: ignore[import-not-found]
+
+    img = tmp_path / "shrink.img"
+    dev = attach_loop(img, 64 * MiB)
+    try:
+        async with UringBackend(dev, format=True) as b:
+            geo = fmt.Geometry.for_size(64 * MiB)
+            # the data region now ends 4 KiB before the end of the first extent: only the write op that
+            # covers that extent's tail straddles the new end (no op starts beyond it, which would be ENOSPC)
+            os.truncate(img, geo.d_off + 2 * MiB - 4096)
+            subprocess.run(["losetup", "-c", dev], check=True)
+            k, d = rand_key(), rand_bytes(2 * MiB)
+            with pytest.raises(KVPoolError, match="short write"):
+                await b.write(k, d)
+            assert not await b.contains(k)
+    finally:
+        detach_loop(dev)
+
+
+def test_hash_in_a_path_is_part_of_the_path(tmp_path: Path) -> None:
+    from kvpool.config import BackendSpec
+
+    spec = BackendSpec.parse(f"uring://{tmp_path}/kv#1.pool?capacity=16MiB")
+    assert spec.location == f"{tmp_path}/kv#1.pool"
+    assert spec.params == {"capacity": "16MiB"}
+
+    async def roundtrip() -> None:
+        b = UringBackend.from_spec(spec)
+        async with b:
+            await b.write(rand_key(), rand_bytes(4096))
+        assert (tmp_path / "kv#1.pool").exists() and not (tmp_path / "kv").exists()
+
+    asyncio.run(roundtrip())
