@@ -438,6 +438,7 @@ def load_settings(
     source: str | os.PathLike[str] | Mapping[str, Any] | None = None,
     *,
     environ: Mapping[str, str] | None = None,
+    defaults: Mapping[str, Any] | None = None,
     **overrides: Any,
 ) -> PoolSettings:
     """Read and validate pool settings: a TOML/YAML file or a mapping, then ``KVPOOL_*``, then ``overrides``.
@@ -449,6 +450,9 @@ def load_settings(
         by ``KVPOOL_CONFIG``, else the environment alone).
     environ
         The environment to read ``KVPOOL_*`` from (default :data:`os.environ`).
+    defaults
+        Keys of the schema an application supplies, weaker than all of the above (e.g. the model's layout
+        and ``model_id`` in a server whose users configure only the tiers).
     overrides
         Keys of the schema that win over both (``model_id=``, ``backends=``, ``write_policy=``...).
 
@@ -478,7 +482,8 @@ def load_settings(
         if clash:
             raise ConfigError(f"{where}: {', '.join(clash)} given both at the top level and in [pool]")
         data.update(nested)
-    layers = [(where, data), ("environment", environment_overrides(env)), ("overrides", dict(overrides))]
+    layers = [("defaults", dict(defaults or {})), (where, data), ("environment", environment_overrides(env)),
+              ("overrides", dict(overrides))]
     merged: dict[str, Any] = {}
     layout: dict[str, Any] = {}
     origin: dict[str, str] = {}

@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 import torch
 
+import kvpool
+
 pytest.importorskip("transformers")
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
@@ -45,8 +47,10 @@ def free_port() -> int:
 @pytest.fixture
 def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """uvicorn in a background thread, DRAM + uring tiers, lifespan on."""
-    monkeypatch.setenv("KVPOOL_DRAM", "dram://?capacity=64MiB")
-    monkeypatch.setenv("KVPOOL_BACKENDS", f"uring://{tmp_path}/kv.pool?capacity=64MiB")
+    cfg = tmp_path / "kvpool.toml"  # the tiers from a config file, as a deployment would give them
+    cfg.write_text(f'backends = ["dram://?capacity=64MiB", "uring://{tmp_path}/kv.pool?capacity=64MiB"]\n'
+                   'write_policy = "write-through"\n')
+    monkeypatch.setenv("KVPOOL_CONFIG", str(cfg))
     port = free_port()
     config = uvicorn.Config(example.app, host="127.0.0.1", port=port, loop="uvloop", lifespan="on",
                             log_level="warning")
@@ -83,6 +87,13 @@ def test_concurrent_clients_share_the_system_prompt(server: str) -> None:
             bad = await client.post("/generate", json={"tokens": [5, 10_000], "max_new_tokens": 2})
             assert bad.status_code == 422
             stats = (await client.get("/stats")).json()
+            metrics = await client.get("/metrics")
+            assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
+            text = metrics.text
+            assert 'kvpool_put_seconds_count{pool="example"} 9.0' in text  # 8 first requests + the repeat
+            assert 'kvpool_stream_first_layer_seconds_bucket{le="+Inf",pool="example"}' in text
+            assert 'kvpool_tier_hit_ratio{pool="example",scheme="uring",tier="1"}' in text
+            assert 'kvpool_hit_ratio{pool="example"}' in text
             return first, again, stats
 
     first, again, stats = asyncio.run(main())
@@ -106,8 +117,8 @@ def test_concurrent_clients_share_the_system_prompt(server: str) -> None:
 
 def test_in_process_with_asgi_transport(monkeypatch: pytest.MonkeyPatch) -> None:
     """The same app through httpx.ASGITransport, lifespan driven by the router's lifespan context."""
-    monkeypatch.setenv("KVPOOL_DRAM", "dram://?capacity=16MiB")
-    monkeypatch.delenv("KVPOOL_BACKENDS", raising=False)
+    monkeypatch.delenv("KVPOOL_CONFIG", raising=False)
+    monkeypatch.setenv("KVPOOL_BACKENDS", "dram://?capacity=16MiB")
     prompt = list(range(1, 40))  # 39 tokens: 2 full chunks + 7
 
     async def main() -> None:
@@ -122,3 +133,15 @@ def test_in_process_with_asgi_transport(monkeypatch: pytest.MonkeyPatch) -> None
                 assert st["chunks_written"] == 2
 
     asyncio.run(main())
+
+
+def test_a_config_mistake_stops_the_server_at_start_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KVPOOL_BACKENDS", "dram://?capacity=16MiB")
+    monkeypatch.setenv("KVPOOL_WRITE_POLCY", "write-back")
+
+    async def main() -> None:
+        async with example.app.router.lifespan_context(example.app):
+            pass
+
+    with pytest.raises(kvpool.ConfigError, match="KVPOOL_WRITE_POLCY.*KVPOOL_WRITE_POLICY"):
+        asyncio.run(main())

@@ -16,8 +16,8 @@ transformers = pytest.importorskip("transformers")
 
 import kvpool  # noqa: E402
 from kvpool.integrations.transformers import (  # noqa: E402
-    _cache_argument,
-    _output_cache,
+    cache_argument,
+    output_cache,
     PrefillStats,
     cache_to_kv,
     kv_to_cache,
@@ -113,7 +113,7 @@ def test_layout_for_model_and_config(model: Any) -> None:
 def test_cache_kv_round_trip(model: Any) -> None:
     x = ids(40, seed=1)
     with torch.no_grad():
-        cache = _output_cache(model(x.unsqueeze(0), use_cache=True))
+        cache = output_cache(model(x.unsqueeze(0), use_cache=True))
     kv = cache_to_kv(cache)
     assert kv.shape == (8, 2, 40, 4, 64)
     k0 = cache.layers[0].keys if hasattr(cache, "layers") else cache.key_cache[0]
@@ -136,7 +136,7 @@ def test_restored_cache_decodes_like_full(model: Any, run: Callable[..., Any]) -
             logits, cache, hit = await prefill_with_pool(model, pool, x[:49])
             assert hit == 32 and cache.get_seq_length() == 49
             with torch.no_grad():
-                step = model(x[49:50].unsqueeze(0), **{_cache_argument(model): cache}, use_cache=True,
+                step = model(x[49:50].unsqueeze(0), **{cache_argument(model): cache}, use_cache=True,
                              position_ids=torch.tensor([[49]])).logits[0]
             full = full_logits(model, x)
             torch.testing.assert_close(logits, full[32:49], atol=ATOL, rtol=0)
@@ -346,7 +346,7 @@ def test_cancelled_prefill_leaves_the_model_clean(
     run(main())
 
 
-def test_forward_uses_the_current_cache_argument(model: Any, run: Callable[..., Any]) -> None:
+def test_forward_uses_the_currentcache_argument(model: Any, run: Callable[..., Any]) -> None:
     """No deprecation warning from transformers: the forward gets the cache under the name it declares
     (``cache`` since 5.20, ``past_key_values`` in the 5.16-5.19 that vLLM pins)."""
     import warnings

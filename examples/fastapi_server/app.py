@@ -10,12 +10,16 @@ Run it (from the repository root)::
     curl -s localhost:8000/stats
 
 The model is a small Llama with random weights (seeded, so every process builds the same one): the point is the
-KV plumbing, not the text. Environment:
+KV plumbing, not the text. The pool is configured like any kvpool (docs/configuration.md):
 
-- ``KVPOOL_DRAM``      first tier (default ``dram://?capacity=256MiB``)
-- ``KVPOOL_BACKENDS``  further tiers, comma-separated, e.g. ``uring:///var/cache/kv.pool?capacity=8GiB``
-- ``KVPOOL_CHUNK_TOKENS`` tokens per stored chunk (default 16: the demo prompts are short)
-- ``KVPOOL_LAYERWISE`` ``1`` (default) overlaps the restore with the forward pass layer by layer
+- ``KVPOOL_CONFIG``   a TOML/YAML file with ``backends`` and pool options (its ``layout``, if any, must match
+  the model's; the default layout is the model's with 16-token chunks, as the demo prompts are short)
+- ``KVPOOL_BACKENDS`` the tiers, comma-separated, fastest first (default ``dram://?capacity=256MiB``), e.g.
+  ``dram://?capacity=256MiB,uring:///var/cache/kv.pool?capacity=8GiB``
+- any other ``KVPOOL_*`` option (``KVPOOL_WRITE_POLICY``, ``KVPOOL_LAYOUT_CHUNK_TOKENS``...)
+- ``EXAMPLE_LAYERWISE`` ``1`` (default) overlaps the restore with the forward pass layer by layer
+
+``GET /metrics`` is the pool in Prometheus' text format (latency histograms, hit ratios, tier counters).
 """
 
 from __future__ import annotations
@@ -28,11 +32,15 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import torch
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, Field
 
 import kvpool
-from kvpool.integrations.transformers import PrefillStats, layout_for, prefill_with_pool
+import kvpool.types
+from kvpool.config import load_settings
+from kvpool.integrations.transformers import PrefillStats, cache_argument, layout_for, prefill_with_pool
+from kvpool.metrics import PoolCollector
 
 MODEL_ID = "kvpool-example-tiny-llama-seed0"
 VOCAB = 1000
@@ -58,23 +66,38 @@ def build_model(seed: int = 0) -> Any:
     return LlamaForCausalLM(cfg).eval()
 
 
-def backend_specs() -> list[str]:
-    specs = [os.environ.get("KVPOOL_DRAM", "dram://?capacity=256MiB")]
-    specs += [s.strip() for s in os.environ.get("KVPOOL_BACKENDS", "").split(",") if s.strip()]
-    return specs
+def pool_settings(model: Any) -> kvpool.config.PoolSettings:
+    """The pool's settings: the model's layout and one DRAM tier by default; ``KVPOOL_CONFIG`` and the other
+    ``KVPOOL_*`` variables override them (one schema, validated; a mistake stops the server at start-up)."""
+    layout = layout_for(model, chunk_tokens=16)
+    defaults: dict[str, Any] = {
+        "model_id": MODEL_ID,
+        "layout": {"num_layers": layout.num_layers, "num_kv_heads": layout.num_kv_heads,
+                   "head_dim": layout.head_dim, "dtype": str(layout.dtype), "chunk_tokens": layout.chunk_tokens},
+        "backends": ["dram://?capacity=256MiB"],
+    }
+    settings = load_settings(None, defaults=defaults)  # KVPOOL_CONFIG's file, if any, then KVPOOL_*
+    got = settings.layout
+    if (got.num_layers, got.num_kv_heads, got.head_dim) != (layout.num_layers, layout.num_kv_heads, layout.head_dim):
+        raise kvpool.ConfigError(f"the configured layout {got} does not match the model's {layout}")
+    return settings
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     model = build_model()
-    layout = layout_for(model, chunk_tokens=int(os.environ.get("KVPOOL_CHUNK_TOKENS", "16")))
-    pool = await kvpool.KVPool.open(layout=layout, model_id=MODEL_ID, backends=backend_specs())
+    settings = pool_settings(model)
+    pool = await kvpool.KVPool.open(layout=settings.layout, model_id=settings.model_id,
+                                    backends=[list(b) if isinstance(b, tuple) else b for b in settings.backends],
+                                    config=settings.config)
     app.state.model = model
     app.state.pool = pool
+    app.state.metrics = CollectorRegistry()
+    app.state.metrics.register(PoolCollector(pool, name="example"))
     # One forward at a time: the model runs in worker threads, and the layer-wise restore installs hooks on
     # its decoder layers for the duration of a prefill.
     app.state.model_lock = asyncio.Lock()
-    app.state.layerwise = os.environ.get("KVPOOL_LAYERWISE", "1") != "0"
+    app.state.layerwise = os.environ.get("EXAMPLE_LAYERWISE", "1") != "0"
     try:
         yield
     finally:
@@ -104,7 +127,7 @@ def _decode(model: Any, cache: Any, first: int, pos: int, steps: int) -> list[in
         for _ in range(steps):
             logits = model(
                 input_ids=torch.tensor([[out[-1]]]),
-                past_key_values=cache,
+                **{cache_argument(model): cache},
                 position_ids=torch.tensor([[pos]]),
                 use_cache=True,
             ).logits
@@ -140,6 +163,12 @@ async def generate(req: GenerateRequest) -> GenerateResponse:
 
 
 @app.get("/stats")
-async def stats() -> dict[str, Any]:
+async def stats() -> kvpool.types.PoolStats:
     pool: kvpool.KVPool = app.state.pool
     return pool.stats()
+
+
+@app.get("/metrics")
+async def metrics() -> Response:
+    """The pool in Prometheus' text exposition format (scrape it every few seconds)."""
+    return Response(generate_latest(app.state.metrics), media_type=CONTENT_TYPE_LATEST)

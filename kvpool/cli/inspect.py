@@ -109,7 +109,7 @@ async def repair(path: str, bad: list[BadObject]) -> int:
 
 def print_fsck(path: str, objects: int, bad: list[BadObject], repaired: int | None) -> None:
     for o in bad:
-        print(f"bad  {o.key.hex()[:16]}  at byte {o.offset} ({format_size(o.length)}): {o.problem}")
+        print(f"bad  {o.key.hex()[:16]}  byte {o.offset}: {o.problem}")
     line = f"fsck {path}: {objects} objects, " + ("ok" if not bad else f"{len(bad)} bad")
     if repaired is not None:
         line += f", {repaired} deleted"

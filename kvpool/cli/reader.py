@@ -22,6 +22,7 @@ import xxhash
 
 from ..errors import ConfigError
 from ..ssd import format as fmt
+from ..units import format_size
 
 __all__ = ["BadObject", "PoolReader"]
 
@@ -202,6 +203,6 @@ class PoolReader:
             for i, off, n in fmt.iter_parts(e):
                 if xxhash.xxh3_64_intdigest(data[off : off + n], _part_seed(e.key, i)) != e.checksums[i]:
                     bad = BadObject(e.key, d_off + e.offset + off, n,
-                                    f"checksum mismatch in part {i + 1} of {e.nparts} ({n} bytes)")
+                                    f"checksum mismatch, part {i + 1}/{e.nparts} ({format_size(n)})")
                     break
             yield e, bad

@@ -46,9 +46,11 @@ _LAYERWISE_PREFETCH = 2
 
 __all__ = [
     "PrefillStats",
+    "cache_argument",
     "cache_to_kv",
     "kv_to_cache",
     "layout_for",
+    "output_cache",
     "prefill_with_pool",
 ]
 
@@ -324,13 +326,17 @@ def _accepts(fn: Any, name: str) -> bool:
         return False
 
 
-def _cache_argument(model: Any) -> str:
-    """The forward's name for the KV cache: ``cache`` since transformers 5.20 (``past_key_values`` warns there and
-    goes away in 5.40), ``past_key_values`` before (vLLM pins 5.16-5.19)."""
+def cache_argument(model: Any) -> str:
+    """The name ``model.forward`` takes the KV cache under, for decoding after :func:`prefill_with_pool`:
+    ``model(**{cache_argument(model): cache}, ...)``.
+
+    Newer transformers (5.24 is tested) name it ``cache`` and warn that ``past_key_values`` goes away in 5.40;
+    the 5.16-5.19 that vLLM pins know only ``past_key_values``. The forward's signature says which.
+    """
     return "cache" if _accepts(model.forward, "cache") else "past_key_values"
 
 
-def _output_cache(out: Any) -> Any:
+def output_cache(out: Any) -> Any:
     """The cache a forward returned, under either name (a ``ModelOutput`` holds only the fields that are set)."""
     keys = out.keys() if hasattr(out, "keys") else ()
     if "cache" in keys:
@@ -364,7 +370,7 @@ def _run_forward(
     positions = torch.arange(start, n, device=device)
     kwargs: dict[str, Any] = {
         "input_ids": ids[start:].unsqueeze(0).to(device),
-        _cache_argument(model): cache,
+        cache_argument(model): cache,
         "position_ids": positions.unsqueeze(0),
         "use_cache": True,
     }
@@ -374,7 +380,7 @@ def _run_forward(
         kwargs["cache_position"] = positions
     with torch.no_grad():  # grad mode is per thread: set it in the thread that runs the model
         out = model(**kwargs)
-    return out.logits[0], _output_cache(out), time.perf_counter() - t0
+    return out.logits[0], output_cache(out), time.perf_counter() - t0
 
 
 async def _join_thread(fut: asyncio.Future[_T]) -> _T:
