@@ -11,6 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kvpool  # noqa: E402
 from examples.custom_backend import FileDirBackend  # noqa: E402
+from kvpool import Backend  # noqa: E402
 from kvpool.testing import BackendTests  # noqa: E402
 
 
@@ -19,6 +20,16 @@ class TestFileDirBackend(BackendTests):
 
     async def make_backend(self, tmp_path: Path, capacity: int) -> FileDirBackend:
         return FileDirBackend(tmp_path / "objects")
+
+    # the independent channel: the object files themselves, read and written with plain file I/O
+    async def get_raw(self, backend: Backend, key: bytes) -> bytes | None:
+        assert isinstance(backend, FileDirBackend)
+        path = backend.root / key.hex()
+        return path.read_bytes() if path.exists() else None
+
+    async def set_raw(self, backend: Backend, key: bytes, data: bytes) -> None:
+        assert isinstance(backend, FileDirBackend)
+        (backend.root / key.hex()).write_bytes(data)
 
 
 async def test_registered_by_dotted_path(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from harness.raw import ArenaRawHooks
 from kvpool import CapacityError, ConfigError
 from kvpool.memory.dram import DRAMBackend
 from kvpool.config import BackendSpec
@@ -12,7 +13,7 @@ from kvpool.testing import BackendTests
 from kvpool.testing.backend_tests import rand_bytes, rand_key
 
 
-class TestDRAMConformance(BackendTests):
+class TestDRAMConformance(ArenaRawHooks, BackendTests):
     async def make_backend(self, tmp_path: Path, capacity: int) -> DRAMBackend:
         return DRAMBackend(capacity)
 
@@ -81,6 +82,6 @@ async def test_numa_arena_binds_to_node() -> None:
         DRAMBackend(1 << 20, numa=4096)
 
 
-class TestDRAMNumaConformance(BackendTests):
+class TestDRAMNumaConformance(ArenaRawHooks, BackendTests):
     async def make_backend(self, tmp_path: Path, capacity: int) -> DRAMBackend:
         return DRAMBackend(capacity, numa=0)

@@ -24,6 +24,7 @@ from kvpool.cuda.host import pinned_empty, register_host_memory, registered_host
 from kvpool.cuda.paged_kv import PagedKV
 from kvpool.pool.paged import put_paged, restore_paged
 from kvpool.storage.registry import backend_from_spec
+from harness.raw import ArenaRawHooks
 from kvpool.testing import BackendTests
 from kvpool.testing.backend_tests import rand_bytes, rand_key
 
@@ -37,7 +38,7 @@ def toks(n: int, seed: int = 0) -> list[int]:
 
 
 # --- the allocator / eviction logic on the CPU test hook ------------------------------------------------
-class TestGPUBackendLogicOnCPU(BackendTests):
+class TestGPUBackendLogicOnCPU(ArenaRawHooks, BackendTests):
     async def make_backend(self, tmp_path: Path, capacity: int) -> GPUBackend:
         return GPUBackend(capacity, _device="cpu")
 
@@ -132,7 +133,7 @@ async def test_open_without_cuda_is_a_config_error() -> None:
 
 # --- real CUDA -------------------------------------------------------------------------------------------
 @pytest.mark.gpu
-class TestGPUConformanceCUDA(BackendTests):
+class TestGPUConformanceCUDA(ArenaRawHooks, BackendTests):
     async def make_backend(self, tmp_path: Path, capacity: int) -> GPUBackend:
         return GPUBackend(capacity, device=0)
 

@@ -15,6 +15,7 @@ import torch
 from kvpool import KVLayout, KVPool, PoolLockedError
 from kvpool.ssd.store import UringBackend
 from kvpool.testing import BackendTests
+from harness.raw import UringRawHooks
 from kvpool.testing.backend_tests import rand_bytes, rand_key
 
 MiB = 1 << 20
@@ -51,7 +52,7 @@ def loopdev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         subprocess.run(["losetup", "-d", dev], check=False)
 
 
-class TestUringBlockDeviceConformance(BackendTests):
+class TestUringBlockDeviceConformance(UringRawHooks, BackendTests):
     capacity = 8 * MiB
 
     @pytest.fixture(autouse=True)

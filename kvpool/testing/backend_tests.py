@@ -1,15 +1,21 @@
 """The conformance suite: the contract of :class:`kvpool.storage.backend.Backend`, as tests.
 
 Subclass :class:`BackendTests` in a test module and implement :meth:`BackendTests.make_backend`; pytest (with
-pytest-asyncio in auto mode) collects every ``test_*`` method. Persistent backends are also checked across a
-close and reopen. Capacity tests use :attr:`BackendTests.capacity`; a backend without a capacity of its own
-(a remote server) sets ``bounded = False``.
+pytest-asyncio in auto mode) collects every ``test_*`` method. Capacity tests use :attr:`BackendTests.capacity`;
+a backend without a capacity of its own (a remote server) sets ``bounded = False``. To check bytes without
+trusting the backend's own read path, implement the raw hooks (``get_raw``, and where the backend allows,
+``set_raw`` and ``corrupt_raw``; see :mod:`kvpool.testing.contract_tests`). Tests that depend on a capability
+run only where the backend declares it (``persistent``, ``durable``, ``partial_reads``, ``eviction_hints``).
+
+The suite has three parts: the core round trips, membership, batches, concurrency, capacity and lifecycle
+(here); the raw-channel, capability, flush and cancellation tests
+(:class:`~kvpool.testing.contract_tests.ContractTests`); and a stateful Hypothesis test against a dict model
+(:class:`~kvpool.testing.stateful_tests.StatefulTests`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -17,25 +23,20 @@ import pytest
 import pytest_asyncio
 import torch
 
-from ..storage.backend import Backend, ReadRequest, nbytes_of
 from ..errors import CapacityError, PoolClosedError
+from ..storage.backend import Backend, ReadRequest, nbytes_of
+from ..storage.eviction import EvictionPolicy
+from ._data import rand_bytes, rand_key, raw_bytes
+from .contract_tests import ContractTests
+from .stateful_tests import StatefulTests
 
-__all__ = ["BackendTests"]
+__all__ = ["BackendTests", "rand_bytes", "rand_key", "raw_bytes"]
 
 KiB = 1024
 MiB = 1024 * 1024
 
 
-def rand_key() -> bytes:
-    return os.urandom(16)
-
-
-def rand_bytes(n: int, seed: int | None = None) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
-    return torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g)
-
-
-class BackendTests:
+class BackendTests(ContractTests, StatefulTests):
     """Every backend passes these. Override :meth:`make_backend`; set the class attributes to taste."""
 
     #: bytes the backend under test is built with
@@ -79,6 +80,8 @@ class BackendTests:
         assert torch.count_nonzero(dest_full[:, :, :16].float()) == 0  # nothing written outside the view
 
     async def test_range_reads(self, backend: Backend) -> None:
+        if not backend.capabilities.partial_reads:
+            pytest.skip("backend reads whole objects only")
         k, data = rand_key(), rand_bytes(self.object_nbytes)
         await backend.write(k, data)
         step = self.object_nbytes // 4
@@ -92,6 +95,8 @@ class BackendTests:
         await backend.write(k, rand_bytes(self.object_nbytes))
         with pytest.raises(ValueError):
             await backend.read_into(k, torch.empty(self.object_nbytes + 4096, dtype=torch.uint8))
+        if not backend.capabilities.partial_reads:
+            return  # offsets are never asked of it
         with pytest.raises(ValueError):
             await backend.read_into(k, torch.empty(4096, dtype=torch.uint8), self.object_nbytes)
 
@@ -124,7 +129,7 @@ class BackendTests:
         out = torch.empty_like(b)
         assert await backend.read_into(k, out)
         assert torch.equal(out, b)
-        assert await backend.object_size(k) in (None, nbytes_of(b))
+        assert await backend.object_size(k) == nbytes_of(b)
 
     async def test_keys_lists_objects(self, backend: Backend) -> None:
         ks = {rand_key() for _ in range(5)}
@@ -176,20 +181,40 @@ class BackendTests:
 
     # --- capacity ----------------------------------------------------------------------------------------
     async def test_capacity_is_a_hard_bound(self, backend: Backend) -> None:
+        """Overfill: the backend evicts (in its policy's order, where it exposes one) or refuses with
+        CapacityError; it never exceeds its capacity, and what it keeps is intact."""
         if not self.bounded:
             pytest.skip("backend has no capacity of its own")
+        cap = backend.capacity or self.capacity
         size = self.object_nbytes
-        keys = []
-        for i in range(2 * self.capacity // size + 2):
+        n = 2 * self.capacity // size + 2
+        policy = getattr(backend, "policy", None)  # the suite's view into an exposed policy, not the pool's
+        kept: list[tuple[bytes, int]] = []  # (key, seed) of the objects still held, oldest first
+        refused = 0
+        for i in range(n):
             k = rand_key()
-            await backend.write(k, rand_bytes(size, i))
-            keys.append(k)
-            assert backend.used_bytes <= (backend.capacity or self.capacity)
-        # the newest object survived, the oldest were evicted
+            first_victim = next(iter(policy.candidates()), None) if isinstance(policy, EvictionPolicy) else None
+            try:
+                await backend.write(k, rand_bytes(size, i))
+            except CapacityError:
+                refused += 1
+                continue
+            assert backend.used_bytes <= cap
+            held = await backend.contains_many([key for key, _ in kept])
+            still = [kj for kj, h in zip(kept, held) if h]
+            if first_victim is not None and len(still) < len(kept):
+                # this write evicted: its first victim was the policy's first candidate
+                assert first_victim not in {key for key, _ in still}
+            kept = still + [(k, i)]
+        assert kept, "the backend refused every object"
+        assert refused or len(kept) < n, "nothing was evicted or refused"
+        assert len(kept) * size <= cap
+        if not refused:
+            assert kept[-1][1] == n - 1  # the newest object survived
         out = torch.empty(size, dtype=torch.uint8)
-        assert await backend.read_into(keys[-1], out)
-        assert torch.equal(out, rand_bytes(size, len(keys) - 1))
-        assert not await backend.contains(keys[0])
+        for key, j in kept:  # and every survivor is intact
+            assert await backend.read_into(key, out)
+            assert torch.equal(out, rand_bytes(size, j))
 
     async def test_object_larger_than_capacity(self, backend: Backend) -> None:
         if not self.bounded:
@@ -221,12 +246,6 @@ class BackendTests:
         await b.close()  # idempotent
         with pytest.raises(PoolClosedError):
             await b.read_into(rand_key(), torch.empty(16, dtype=torch.uint8))
-
-    async def test_capabilities_declared(self, backend: Backend) -> None:
-        caps = backend.capabilities
-        with pytest.raises(AttributeError):
-            caps.persistent = not caps.persistent  # type: ignore[misc]
-        assert isinstance(backend.stats(), dict)
 
     async def test_persistence_across_reopen(self, tmp_path: Path) -> None:
         b = await self.make_backend(tmp_path, self.capacity)
