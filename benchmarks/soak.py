@@ -139,7 +139,13 @@ def main() -> None:
             before = len(acked)
             proc = subprocess.Popen([sys.executable, __file__, "--child", path, srv.url, ack_path, str(next_seed),
                                      str(a.fault_p)], stderr=subprocess.DEVNULL)
-            life = rng.uniform(3.0, 8.0)
+            # the clock starts once the child's pool is open (imports and open take seconds on a loaded box)
+            started = time.monotonic() + 120
+            while time.monotonic() < started and proc.poll() is None:
+                if f"START {next_seed}" in Path(ack_path).read_text():
+                    break
+                time.sleep(0.1)
+            life = rng.uniform(2.0, 6.0)
             deadline = time.monotonic() + life
             killed_redis = False
             while time.monotonic() < deadline and proc.poll() is None:
