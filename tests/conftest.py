@@ -11,6 +11,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 # real servers for the remote tiers (redis, a redis cluster, Mooncake), shared by every test file
 from harness.fixtures import (  # noqa: E402,F401
+    _no_mooncake_client_left,
     mooncake_cluster,
     own_mooncake,
     own_redis,

@@ -31,19 +31,19 @@ except ImportError as _exc:  # the wheel, or a shared library it needs (libfabri
         allow_module_level=True,
     )
 
-from harness.procs import put_then_get  # noqa: E402
-from harness.servers import MooncakeCluster, http_get  # noqa: E402
-from harness.servers import unique_prefix as _prefix  # noqa: E402
-from harness.servers import free_port as _free_port  # noqa: E402
+from harness.procs import put_then_get
+from harness.servers import MooncakeCluster, http_get
+from harness.servers import free_port as _free_port
+from harness.servers import unique_prefix as _prefix
 
-import kvpool  # noqa: E402
-from kvpool import BackendError, ConfigError  # noqa: E402
-from kvpool.config import BackendSpec  # noqa: E402
-from kvpool.remote.mooncake import MooncakeBackend  # noqa: E402
-from kvpool.storage.backend import ReadRequest  # noqa: E402
-from kvpool.storage.registry import backend_from_spec  # noqa: E402
-from kvpool.testing import BackendTests  # noqa: E402
-from kvpool.testing.backend_tests import rand_bytes, rand_key  # noqa: E402
+import kvpool
+from kvpool import BackendError, ConfigError
+from kvpool.config import BackendSpec
+from kvpool.remote.mooncake import MooncakeBackend
+from kvpool.storage.backend import ReadRequest
+from kvpool.storage.registry import backend_from_spec
+from kvpool.testing import BackendTests
+from kvpool.testing.backend_tests import rand_bytes, rand_key
 
 KiB = 1 << 10
 MiB = 1 << 20

@@ -17,6 +17,7 @@ policy, in one place (:meth:`RemoteBackend._boundary`):
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import errno as errno_mod
@@ -27,6 +28,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
+import attrs
 import torch
 import xxhash
 
@@ -70,29 +72,37 @@ class Value:
         self.keep = keep
 
 
+@attrs.define(slots=True, eq=False)
 class Plan:
     """One range read whose header was found: the parts that cover the range, what they are copied into, and
     how the read ended (``status``: ``ok`` or the counter a miss goes to)."""
 
-    __slots__ = ("index", "key", "name", "hdr", "offset", "nbytes", "dest", "parts", "status", "filler", "value")
+    index: int
+    key: bytes
+    name: str
+    hdr: Header
+    offset: int
+    nbytes: int
+    dest: torch.Tensor
+    value: Value  # the header value (an inline object's data follows the header in it)
+    status: str = "ok"
+    filler: Filler | None = None
+    parts: list[int] = attrs.field(init=False)
 
-    def __init__(
-        self, index: int, key: bytes, name: str, hdr: Header, offset: int, nbytes: int, dest: torch.Tensor,
-        value: Value,
-    ) -> None:
-        self.index = index
-        self.key = key
-        self.name = name
-        self.hdr = hdr
-        self.offset = offset
-        self.nbytes = nbytes
-        self.dest = dest
-        self.value = value  # the header value (an inline object's data follows the header in it)
-        self.parts: list[int] = (
-            list(range(offset // hdr.part_size, (offset + nbytes - 1) // hdr.part_size + 1)) if nbytes else []
-        )
-        self.status = "ok"
-        self.filler: Filler | None = None
+    def __attrs_post_init__(self) -> None:
+        ps, lo, n = self.hdr.part_size, self.offset, self.nbytes
+        self.parts = list(range(lo // ps, (lo + n - 1) // ps + 1)) if n else []
+
+
+@attrs.frozen
+class Family:
+    """What names one remote transport: its scheme and logger name, its objects' magic and header salt (so a
+    value one writes is never taken for the other's), and what its library's exceptions mean."""
+
+    name: str
+    magic: bytes
+    salt: int
+    exceptions: ExceptionMap
 
 
 class Item:
@@ -147,11 +157,21 @@ class RemoteBackend(Backend):
         persistent=False, durable=False, device_memory=False, partial_reads=True, remote=True, queued_io=True,
         eviction_hints=False, read_bandwidth=None,
     )
-    # set by each transport: its objects' magic and salt, its library's exceptions, its name in messages
+    # set by each transport; the rest follows from it (__init_subclass__)
+    family: ClassVar[Family]
     wire: ClassVar[RemoteFormat]
     exception_map: ClassVar[ExceptionMap]
     tier_name: ClassVar[str]
     log: ClassVar[logging.Logger]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        fam = cls.__dict__.get("family")
+        if fam is not None:
+            cls.wire = RemoteFormat(fam.magic, fam.salt)
+            cls.exception_map = fam.exceptions
+            cls.tier_name = fam.name
+            cls.log = logging.getLogger(f"kvpool.{fam.name}")
 
     def __init__(self, *, timeout: float, part_size: int, prefix: str, retry_after: float) -> None:
         super().__init__()
@@ -240,7 +260,7 @@ class RemoteBackend(Backend):
     def _available(self) -> bool:
         return time.monotonic() >= self._down_until
 
-    def _on_outage(self) -> None:  # noqa: B027 - optional hook
+    def _on_outage(self) -> None:
         """Called when a call met an unreachable server (before the breaker opens)."""
 
     def _record(self, fault: Fault) -> None:
@@ -298,6 +318,98 @@ class RemoteBackend(Backend):
         except asyncio.CancelledError:
             await asyncio.wait({task})
             raise
+
+    # --- the public surface: the policy is here, the transport's moves in the abstract hooks ---------------
+    async def read_into(self, key: bytes, dest: torch.Tensor, offset: int = 0) -> bool:
+        return (await self._read([ReadRequest(key, dest, offset)]))[0]
+
+    async def read_many(self, requests: Sequence[ReadRequest]) -> list[bool]:
+        if not requests:
+            return []
+        return await self._read(requests)
+
+    async def _read(self, reqs: Sequence[ReadRequest]) -> list[bool]:
+        names, sizes = self._check_reads(reqs)
+        status: list[str | None] = [None] * len(reqs)
+        if not self._skipped():
+            with self._boundary("reading", raises=False):
+                await self._read_statuses(reqs, names, sizes, status)
+        return self._tally(sizes, status)
+
+    @abc.abstractmethod
+    async def _read_statuses(
+        self, reqs: Sequence[ReadRequest], names: list[str], sizes: list[int], status: list[str | None]
+    ) -> None:
+        """Serve ``reqs``, setting ``status[i]`` (``ok`` or a miss counter) as each read ends; a native
+        exception ends them all (those still ``None`` are misses)."""
+
+    async def object_size(self, key: bytes) -> int | None:
+        self._check_open()
+        name = self._name(key)
+        fixed: Fixed | None = None
+        if not self._skipped():
+            with self._boundary("measuring an object", raises=False):
+                fixed = await self._fixed_header(key, name)
+        return fixed[2] if fixed is not None else None
+
+    @abc.abstractmethod
+    async def _fixed_header(self, key: bytes, name: str) -> Fixed | None:
+        """The fixed part of the header stored under ``name``; None when absent or not ours."""
+
+    async def contains(self, key: bytes) -> bool:
+        return (await self.contains_many([key]))[0]
+
+    async def contains_many(self, keys: Sequence[bytes]) -> list[bool]:
+        self._check_open()
+        if not keys:
+            return []
+        names = [self._name(k) for k in keys]
+        found: list[bool] | None = None
+        if not self._skipped():
+            with self._boundary("looking keys up", raises=False):
+                found = await self._exists(names)
+        return found if found is not None else [False] * len(keys)
+
+    @abc.abstractmethod
+    async def _exists(self, names: list[str]) -> list[bool]:
+        """Whether a header is stored under each name."""
+
+    async def write(self, key: bytes, src: torch.Tensor) -> None:
+        await self.write_many([(key, src)])
+
+    async def write_many(self, items: Sequence[tuple[bytes, torch.Tensor]]) -> None:
+        if not items:
+            return
+        names, total = self._check_writes(items)
+        objs = await self._cpu(total, self._items, items, names)
+        try:
+            with self._boundary(f"writing {len(items)} object(s)", raises=True):
+                await self._write_items(objs, total)
+        except BackendError:
+            self.counters["write_errors"] += 1
+            raise
+        self.counters["writes"] += len(objs)
+        self.counters["bytes_written"] += total
+
+    @abc.abstractmethod
+    async def _write_items(self, objs: list[Item], total: int) -> None:
+        """Store ``objs`` (``total`` bytes), each replacing what was there atomically for readers."""
+
+    async def delete(self, key: bytes) -> bool:
+        self._check_open()
+        name = self._name(key)
+        if self._skipped("delete_errors"):
+            return False
+        found = False
+        with self._boundary("deleting an object", raises=False) as attempt:
+            found = await self._delete(key, name)
+        if attempt.fault is not None:
+            self.counters["delete_errors"] += 1
+        return found
+
+    @abc.abstractmethod
+    async def _delete(self, key: bytes, name: str) -> bool:
+        """Remove the object under ``name`` and its parts; whether it was there."""
 
     # --- reads -------------------------------------------------------------------------------------------
     def _check_reads(self, reqs: Sequence[ReadRequest]) -> tuple[list[str], list[int]]:
@@ -418,10 +530,6 @@ class RemoteBackend(Backend):
 
     def _items(self, items: Sequence[tuple[bytes, torch.Tensor]], names: Sequence[str]) -> list[Item]:
         return [Item(k, nm, flat_bytes(s), self.part_size) for (k, s), nm in zip(items, names)]
-
-    def _written(self, items: Sequence[Item]) -> None:
-        self.counters["writes"] += len(items)
-        self.counters["bytes_written"] += sum(o.nbytes for o in items)
 
     # --- observability -----------------------------------------------------------------------------------
     @property

@@ -16,8 +16,8 @@ arguments, the documented exception), and ``BaseException`` that is not an ``Exc
 from __future__ import annotations
 
 import contextlib
-import errno as errno_mod
 import enum
+import errno as errno_mod
 from collections.abc import Iterator, Sequence
 
 from ..errors import BackendError, KVPoolError

@@ -18,12 +18,13 @@ import struct
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import attrs
 import torch
 import xxhash
 
-from ..storage.buffers import tensor_runs
 from ..errors import ConfigError
 from ..storage.backend import nbytes_of
+from ..storage.buffers import tensor_runs
 
 if TYPE_CHECKING:
     from ..config import BackendSpec
@@ -60,20 +61,18 @@ def bytes_address(b: bytes) -> int:
     return v
 
 
+@attrs.frozen(slots=True)
 class Header:
-    __slots__ = ("part_size", "nparts", "length", "version", "sums", "inline", "data_off")
+    """A verified header: the object's part size, number of parts, length, version, per-part checksums,
+    whether the data is inline, and where in the value the data starts."""
 
-    def __init__(
-        self, part_size: int, nparts: int, length: int, version: int, sums: tuple[int, ...], inline: bool,
-        data_off: int,
-    ) -> None:
-        self.part_size = part_size
-        self.nparts = nparts
-        self.length = length
-        self.version = version
-        self.sums = sums
-        self.inline = inline
-        self.data_off = data_off
+    part_size: int
+    nparts: int
+    length: int
+    version: int
+    sums: tuple[int, ...]
+    inline: bool
+    data_off: int
 
     def part_len(self, p: int) -> int:
         return min(self.part_size, self.length - p * self.part_size)

@@ -51,19 +51,28 @@ cheaper for redis-py than a pipeline of ``EXISTS``); a pipeline in cluster mode 
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import torch
 import xxhash
 
-from ..errors import BackendError, ConfigError
-from ..storage.backend import ReadRequest, nbytes_of
-from .base import COMMON_OPTIONS, DEFAULT_PART, KEY_LEN, Fixed, Ident, Item, Plan, RemoteBackend, Value
+from ..errors import ConfigError
+from ..storage.backend import ReadRequest
+from .base import (
+    COMMON_OPTIONS,
+    DEFAULT_PART,
+    KEY_LEN,
+    Family,
+    Fixed,
+    Ident,
+    Item,
+    Plan,
+    RemoteBackend,
+    Value,
+)
 from .boundary import FaultKind
-from .format import FIXED, Header, RemoteFormat, bytes_address, part_seed, seconds
+from .format import FIXED, Header, bytes_address, part_seed, seconds
 
 if TYPE_CHECKING:
     from typing import Self
@@ -132,10 +141,7 @@ class RedisBackend(RemoteBackend):
     """
 
     scheme = "redis"
-    wire = RemoteFormat(b"KVR1", 0x6B76706F6F6C6872)  # salt: "kvpoolhr"
-    exception_map = _EXCEPTIONS
-    tier_name = "redis"
-    log = logging.getLogger("kvpool.redis")
+    family = Family("redis", b"KVR1", 0x6B76706F6F6C6872, _EXCEPTIONS)  # salt: "kvpoolhr"
 
     def __init__(
         self,
@@ -252,67 +258,45 @@ class RedisBackend(RemoteBackend):
             pipe.get(nm)
         return list(await pipe.execute())
 
-    # --- sizes -------------------------------------------------------------------------------------------
-    async def object_size(self, key: bytes) -> int | None:
-        self._check_open()
-        name = self._name(key)
-        if self._skipped():
-            return None
-        raw = None
-        with self._boundary("measuring an object", raises=False):
-            async with asyncio.timeout(self.timeout):
-                raw = await self._client.getrange(name, 0, FIXED.size - 1)
-        fixed = self.wire.parse_fixed(raw, key) if raw else None
-        return fixed[2] if fixed else None
-
     # --- reads -------------------------------------------------------------------------------------------
-    async def read_into(self, key: bytes, dest: torch.Tensor, offset: int = 0) -> bool:
-        return (await self._read([ReadRequest(key, dest, offset)]))[0]
+    async def _fixed_header(self, key: bytes, name: str) -> Fixed | None:
+        async with asyncio.timeout(self.timeout):
+            return self._fixed(await self._client.getrange(name, 0, FIXED.size - 1), key)
 
-    async def read_many(self, requests: Sequence[ReadRequest]) -> list[bool]:
-        if not requests:
-            return []
-        return await self._read(requests)
-
-    async def _read(self, reqs: Sequence[ReadRequest]) -> list[bool]:
-        names, sizes = self._check_reads(reqs)
-        status: list[str | None] = [None] * len(reqs)
-        if self._skipped():
-            return self._tally(sizes, status)
+    async def _read_statuses(
+        self, reqs: Sequence[ReadRequest], names: list[str], sizes: list[int], status: list[str | None]
+    ) -> None:
         plans: list[Plan] = []
         fetched: dict[Ident, Value | str] = {}
         users: dict[Ident, list[Plan]] = {}
         t0 = asyncio.get_running_loop().time()
-        with self._boundary("reading", raises=False) as attempt:
-            async with asyncio.timeout(self._deadline(sum(sizes))) as cm:
-                # round trip 1: the headers (small objects come with their data)
-                uniq = list(dict.fromkeys(names))
-                by_name = dict(zip(uniq, await self._get_many(uniq)))
-                hdrs: dict[str, Header | None] = {}
-                for i, r in enumerate(reqs):
-                    raw = by_name[names[i]]
-                    got = self._plan(i, r, names[i], sizes[i], _value(raw) if raw is not None else "absent", hdrs)
-                    if isinstance(got, str):
-                        status[i] = got
-                    else:
-                        plans.append(got)
-                # round trip 2: the parts covering the ranges of multi-part objects
-                want, wnames, wlens, users = self._part_wants([pl for pl in plans if not pl.hdr.inline])
-                if want:
-                    cm.reschedule(t0 + self._deadline(sum(wlens)))  # the deadline now knows the bytes coming
-                    got_parts = await self._get_many(wnames)
-                    fetched = {
-                        ident: _value(v) if v is not None else "missing_parts" for ident, v in zip(want, got_parts)
-                    }
-        if attempt.fault is not None:
-            return self._tally(sizes, [None] * len(reqs))
+        async with asyncio.timeout(self._deadline(sum(sizes))) as cm:
+            # round trip 1: the headers (small objects come with their data)
+            uniq = list(dict.fromkeys(names))
+            by_name = dict(zip(uniq, await self._get_many(uniq)))
+            hdrs: dict[str, Header | None] = {}
+            misses: dict[int, str] = {}
+            for i, r in enumerate(reqs):
+                raw = by_name[names[i]]
+                got = self._plan(i, r, names[i], sizes[i], _value(raw) if raw is not None else "absent", hdrs)
+                if isinstance(got, str):
+                    misses[i] = got
+                else:
+                    plans.append(got)
+            # round trip 2: the parts covering the ranges of multi-part objects
+            want, wnames, wlens, users = self._part_wants([pl for pl in plans if not pl.hdr.inline])
+            if want:
+                cm.reschedule(t0 + self._deadline(sum(wlens)))  # the deadline now knows the bytes coming
+                got_parts = await self._get_many(wnames)
+                fetched = {ident: _value(v) if v is not None else "missing_parts" for ident, v in zip(want, got_parts)}
         # verification and copies: no server involved, so outside the deadline (a worker thread must never be
         # left writing into a destination after we returned)
         work = sum(pl.nbytes for pl in plans) + sum(len(v.mv) for v in fetched.values() if isinstance(v, Value))
         await self._cpu(work, self._finish, plans, [(ident, fetched[ident], users[ident]) for ident in fetched])
+        for i, st in misses.items():
+            status[i] = st
         for pl in plans:
             status[pl.index] = pl.status
-        return self._tally(sizes, status)
 
     def _finish(self, plans: list[Plan], items: list[tuple[Ident, Value | str, list[Plan]]]) -> None:
         self._finish_inline([pl for pl in plans if pl.hdr.inline])
@@ -320,34 +304,22 @@ class RedisBackend(RemoteBackend):
         self._finish_fillers([pl for pl in plans if not pl.hdr.inline])
 
     # --- membership --------------------------------------------------------------------------------------
-    async def contains(self, key: bytes) -> bool:
-        return (await self.contains_many([key]))[0]
-
-    async def contains_many(self, keys: Sequence[bytes]) -> list[bool]:
-        self._check_open()
-        if not keys:
-            return []
-        names = [self._name(k) for k in keys]
-        if self._skipped():
-            return [False] * len(keys)
+    async def _exists(self, names: list[str]) -> list[bool]:
         res: list[Any] | None = None
-        with self._boundary("looking keys up", raises=False) as attempt:
-            async with asyncio.timeout(self.timeout):
-                if len(names) == 1:
-                    res = [await self._client.exists(names[0])]
-                elif self._exists_script is not None and len(names) >= 8:
-                    try:
-                        res = list(await self._exists_script(keys=names))
-                    except _RResponseError as exc:  # scripting disabled or refused: use the pipeline
-                        self.log.info("redis tier %s: no scripting (%s); lookups pipeline", self.address, exc)
-                        self._exists_script = None
-                if res is None:
-                    pipe = self._client.pipeline(transaction=False)
-                    for nm in names:
-                        pipe.exists(nm)
-                    res = await pipe.execute()
-        if attempt.fault is not None or res is None:
-            return [False] * len(keys)
+        async with asyncio.timeout(self.timeout):
+            if len(names) == 1:
+                res = [await self._client.exists(names[0])]
+            elif self._exists_script is not None and len(names) >= 8:
+                try:
+                    res = list(await self._exists_script(keys=names))
+                except _RResponseError as exc:  # scripting disabled or refused: use the pipeline
+                    self.log.info("redis tier %s: no scripting (%s); lookups pipeline", self.address, exc)
+                    self._exists_script = None
+            if res is None:
+                pipe = self._client.pipeline(transaction=False)
+                for nm in names:
+                    pipe.exists(nm)
+                res = await pipe.execute()
         return [bool(x) for x in res]
 
     async def keys(self) -> AsyncIterator[bytes]:
@@ -421,28 +393,15 @@ class RedisBackend(RemoteBackend):
             pos += c
         return olds
 
-    async def write(self, key: bytes, src: torch.Tensor) -> None:
-        await self.write_many([(key, src)])
-
-    async def write_many(self, items: Sequence[tuple[bytes, torch.Tensor]]) -> None:
-        if not items:
-            return
-        names, total = self._check_writes(items)
-        objs = await self._cpu(total, self._items, items, names)
+    async def _write_items(self, objs: list[Item], total: int) -> None:
         enc = await self._cpu(total, self._encode, objs)
-        try:
-            with self._boundary(f"writing {len(items)} object(s)", raises=True):
-                async with asyncio.timeout(self._deadline(total)):
-                    if self.cluster:
-                        # one transaction per object: each object's keys share a hash slot, a batch does not
-                        groups = await asyncio.gather(*(self._transact([e]) for e in enc))
-                        olds = [g[0] for g in groups]
-                    else:
-                        olds = await self._transact(enc)
-        except BackendError:
-            self.counters["write_errors"] += 1
-            raise
-        self._written(objs)
+        async with asyncio.timeout(self._deadline(total)):
+            if self.cluster:
+                # one transaction per object: each object's keys share a hash slot, a batch does not
+                groups = await asyncio.gather(*(self._transact([e]) for e in enc))
+                olds = [g[0] for g in groups]
+            else:
+                olds = await self._transact(enc)
         # the parts of the versions replaced get a short expiry (best effort: an orphan part is never read,
         # and the server's LRU reclaims it first)
         stale = [n for o, old in zip(objs, olds) for n in self._old_parts(o.name, self._fixed(old, o.key), o.version)]
@@ -459,24 +418,15 @@ class RedisBackend(RemoteBackend):
     def _fixed(self, raw: bytes | None, key: bytes) -> Fixed | None:
         return self.wire.parse_fixed(raw, key) if raw else None
 
-    async def delete(self, key: bytes) -> bool:
-        self._check_open()
-        name = self._name(key)
-        if self._skipped("delete_errors"):
-            return False
-        count = 0
-        with self._boundary("deleting an object", raises=False) as attempt:
-            async with asyncio.timeout(self.timeout):
-                pipe = self._tx_pipeline()
-                pipe.getrange(name, 0, FIXED.size - 1)
-                pipe.delete(name)
-                old, count = await pipe.execute()
-                parts = self._old_parts(name, self._fixed(old, key))
-                if parts:
-                    await self._client.unlink(*parts)
-        if attempt.fault is not None:
-            self.counters["delete_errors"] += 1
-            return False
+    async def _delete(self, key: bytes, name: str) -> bool:
+        async with asyncio.timeout(self.timeout):
+            pipe = self._tx_pipeline()
+            pipe.getrange(name, 0, FIXED.size - 1)
+            pipe.delete(name)
+            old, count = await pipe.execute()
+            parts = self._old_parts(name, self._fixed(old, key))
+            if parts:
+                await self._client.unlink(*parts)
         return bool(count)
 
     # --- observability -----------------------------------------------------------------------------------

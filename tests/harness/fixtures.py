@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from .servers import MooncakeCluster, RedisClusterNodes, RedisServer, mooncake_binaries
+from .servers import MooncakeCluster, RedisClusterNodes, RedisServer, close_mooncake_clients, mooncake_binaries
 
 
 def _need_redis() -> None:
@@ -80,3 +80,12 @@ def own_mooncake(tmp_path: Path) -> Iterator[MooncakeCluster]:
         yield c
     finally:
         c.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_mooncake_client_left() -> Iterator[None]:
+    """At the session's end (inside pytest's output capture, before its summary), close the Mooncake clients
+    still left: those whose calls on a killed master had not returned when their cluster stopped. Left to
+    the interpreter's exit, they would log from their destructors after the summary."""
+    yield
+    close_mooncake_clients(None, wait=10.0)

@@ -19,6 +19,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 import uuid
@@ -29,7 +30,7 @@ from kvpool.testing.servers import RedisServer
 
 __all__ = [
     "RedisServer", "RedisClusterNodes", "MooncakeCluster", "free_port", "listening", "http_get", "unique_prefix",
-    "mooncake_binaries", "stop_process",
+    "mooncake_binaries", "stop_process", "close_mooncake_clients",
 ]
 
 
@@ -82,9 +83,7 @@ class RedisClusterNodes:
         self.nodes: list[RedisServer] = []
         try:
             for i in range(n):
-                d = workdir / f"node{i}"
-                self.nodes.append(RedisServer(d, "--cluster-enabled", "yes", "--cluster-config-file",
-                                              str(d / "nodes.conf"), "--cluster-node-timeout", "2000"))
+                self.nodes.append(self._node(workdir / f"node{i}"))
             subprocess.run(
                 ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{s.port}" for s in self.nodes),
                  "--cluster-replicas", "0", "--cluster-yes"],
@@ -106,6 +105,21 @@ class RedisClusterNodes:
         except BaseException:
             self.stop()
             raise
+
+    @staticmethod
+    def _node(d: Path) -> RedisServer:
+        """One cluster node. Its cluster bus listens on port + 10000, which must exist and be free too, so a
+        node that cannot start is tried again on another free port."""
+        for _attempt in range(5):
+            try:
+                srv = RedisServer(d, "--cluster-enabled", "yes", "--cluster-config-file", str(d / "nodes.conf"),
+                                  "--cluster-node-timeout", "2000")
+            except RuntimeError:
+                continue
+            if srv.port + 10000 <= 65535:
+                return srv
+            srv.stop()
+        raise RuntimeError(f"no redis cluster node would start in {d}")
 
     @property
     def ports(self) -> list[int]:
@@ -130,6 +144,18 @@ def mooncake_binaries() -> tuple[str, str] | None:
             return None
         found.append(path)
     return found[0], found[1]
+
+
+def close_mooncake_clients(master: str | None = None, wait: float = 5.0) -> int:
+    """:func:`kvpool.remote.mooncake.close_idle_clients`, or nothing where no client was ever made (the tier
+    not imported, or not installed)."""
+    if "kvpool.remote.mooncake.client" not in sys.modules:
+        return 0
+    try:
+        from kvpool.remote.mooncake import close_idle_clients
+    except ImportError:
+        return 0
+    return close_idle_clients(master, wait=wait)
 
 
 class MooncakeCluster:
@@ -238,13 +264,10 @@ class MooncakeCluster:
             self.master.kill()
             self.master.wait(5)
 
-    def close_clients(self) -> int:
-        """Close this process's idle Mooncake clients of this master (while it is still up, if it is)."""
-        try:
-            from kvpool.remote.mooncake import close_idle_clients
-        except ImportError:
-            return 0
-        return close_idle_clients(self.master_address)
+    def close_clients(self, wait: float = 5.0) -> int:
+        """Close this process's idle Mooncake clients of this master (while it is still up, if it is),
+        giving calls abandoned on a dead master ``wait`` seconds to return."""
+        return close_mooncake_clients(self.master_address, wait)
 
     def stop(self) -> None:
         self.resume()

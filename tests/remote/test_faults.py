@@ -16,12 +16,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from harness.servers import unique_prefix
 
 from kvpool import BackendError, KVLayout, KVPool
 from kvpool.storage.backend import ReadRequest
 from kvpool.testing.backend_tests import rand_bytes, rand_key
-
-from harness.servers import unique_prefix
 
 KiB = 1 << 10
 

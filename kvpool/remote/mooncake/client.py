@@ -18,6 +18,7 @@ import concurrent.futures
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -159,13 +160,25 @@ LOCK = threading.Lock()
 GRAVEYARD: list[Any] = []
 
 
-def close_idle_clients(master: str | None = None) -> int:
+def close_idle_clients(master: str | None = None, *, wait: float = 0.0) -> int:
     """Close every shared client no open backend uses and no call runs on (only those of the master at
     ``host:port`` ``master``, if given); return how many were closed.
 
-    Blocks (about a second per client: the client joins its threads holding the GIL), so call it from a
-    thread that may block, while the master and its metadata server are still up.
+    A call abandoned at its deadline (a dead master) may still be running in a worker thread: ``wait`` gives
+    such calls that many seconds to return before their client is left alone. Blocks (and about a second per
+    client: the client joins its threads holding the GIL), so call it from a thread that may block, while the
+    master and its metadata server are still up.
     """
+    deadline = time.monotonic() + wait
+    while True:
+        with LOCK:
+            busy = [
+                ent for ent in [*CLIENTS.values(), *(g for g in GRAVEYARD if isinstance(g, Shared))]
+                if ent.refs == 0 and ent.calls > 0 and not ent.closed and (master is None or ent.key[0] == master)
+            ]
+        if not busy or time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)
     with LOCK:
         cands = list(CLIENTS.values()) + [g for g in GRAVEYARD if isinstance(g, Shared)]
         victims = [

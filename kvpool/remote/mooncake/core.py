@@ -7,14 +7,13 @@ from __future__ import annotations
 import asyncio
 import errno as errno_mod
 import itertools
-import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from ...errors import BackendError
-from ..base import DEFAULT_PART, Fixed, RemoteBackend
+from ..base import DEFAULT_PART, Family, Fixed, RemoteBackend
 from ..boundary import Fault, FaultKind, map_exceptions
-from ..format import FIXED, RemoteFormat
+from ..format import FIXED
 from . import client as mc
 from . import options as opt
 from .regions import BufferBusy, Region, TransferBuffer
@@ -42,10 +41,7 @@ class MooncakeCore(RemoteBackend):
     """The transport of :class:`~kvpool.remote.mooncake.MooncakeBackend` (see it for the parameters)."""
 
     scheme = "mooncake"
-    wire = RemoteFormat(b"KVM1", 0x6B76706F6F6C6D63)  # salt: "kvpoolmc"
-    exception_map = _EXCEPTIONS
-    tier_name = "mooncake"
-    log = logging.getLogger("kvpool.mooncake")
+    family = Family("mooncake", b"KVM1", 0x6B76706F6F6C6D63, _EXCEPTIONS)  # salt: "kvpoolmc"
 
     def __init__(
         self,
@@ -302,6 +298,10 @@ class MooncakeCore(RemoteBackend):
                 await asyncio.wait({prev})
                 if not prev.cancelled():
                     prev.exception()
+
+    async def _fixed_header(self, key: bytes, name: str) -> Fixed | None:
+        f = (await self._fixed_headers([name], asyncio.get_running_loop().time() + self.timeout))[0]
+        return None if isinstance(f, int) else f
 
     async def _fixed_headers(self, names: Sequence[str], deadline: float) -> list[Fixed | int]:
         """The fixed part of the header under each name (a range read of its first bytes), or an error code

@@ -8,8 +8,6 @@ import asyncio
 import itertools
 from collections.abc import Sequence
 
-import torch
-
 from ...storage.backend import ReadRequest
 from ..base import Ident, Plan, Value
 from ..format import Header, bytes_address, hdr_len
@@ -119,27 +117,7 @@ class MooncakeReads(MooncakeCore):
     def _sizes(self, names: Sequence[str]) -> list[int]:
         return [int(self._store.get_size(n)) for n in names]
 
-    # --- sizes -------------------------------------------------------------------------------------------
-    async def object_size(self, key: bytes) -> int | None:
-        self._check_open()
-        name = self._name(key)
-        if self._skipped():
-            return None
-        fixed: Sequence[object] = [mc.OBJECT_NOT_FOUND]
-        with self._boundary("measuring an object", raises=False):
-            fixed = await self._fixed_headers([name], asyncio.get_running_loop().time() + self.timeout)
-        f = fixed[0]
-        return f[2] if isinstance(f, tuple) else None
-
     # --- reads -------------------------------------------------------------------------------------------
-    async def read_into(self, key: bytes, dest: torch.Tensor, offset: int = 0) -> bool:
-        return (await self._read([ReadRequest(key, dest, offset)]))[0]
-
-    async def read_many(self, requests: Sequence[ReadRequest]) -> list[bool]:
-        if not requests:
-            return []
-        return await self._read(requests)
-
     def _guess(self, offset: int, nbytes: int) -> int:
         """Slot for a header value when the range ``[offset, offset+nbytes)`` is read: exact for an inline
         object that ends there, room for ``_SLACK_PARTS`` more checksums for a multi-part one."""
@@ -148,11 +126,9 @@ class MooncakeReads(MooncakeCore):
         inline = opt.INLINE_OFF + end if end <= ps else 0
         return max(inline, hdr_len(-(-end // ps) + _SLACK_PARTS))
 
-    async def _read(self, reqs: Sequence[ReadRequest]) -> list[bool]:
-        names, sizes = self._check_reads(reqs)
-        status: list[str | None] = [None] * len(reqs)
-        if self._skipped():
-            return self._tally(sizes, status)
+    async def _read_statuses(
+        self, reqs: Sequence[ReadRequest], names: list[str], sizes: list[int], status: list[str | None]
+    ) -> None:
         deadline = asyncio.get_running_loop().time() + self._deadline(sum(sizes))
         guesses = [self._guess(r.offset, n) for r, n in zip(reqs, sizes)]
 
@@ -168,16 +144,14 @@ class MooncakeReads(MooncakeCore):
         async def finish(idxs: list[int], fetched: tuple[dict[str, Value | int], list[Region]]) -> None:
             await self._finish_group(reqs, names, sizes, idxs, fetched, status, deadline)
 
-        with self._boundary("reading", raises=False):
-            await self._pipeline(list(batches(guesses, self._chunk)), fetch, finish, lambda f: self._release(f[1]))
-            # a value replaced while we read it fails verification: read those once more
-            again = [i for i in range(len(reqs)) if status[i] == "corrupt"]
-            if again:
-                self.counters["retries"] += len(again)
-                for idxs in batches([guesses[i] for i in again], self._chunk):
-                    group = [again[k] for k in idxs]
-                    await finish(group, await fetch(group))
-        return self._tally(sizes, status)
+        await self._pipeline(list(batches(guesses, self._chunk)), fetch, finish, lambda f: self._release(f[1]))
+        # a value replaced while we read it fails verification: read those once more
+        again = [i for i in range(len(reqs)) if status[i] == "corrupt"]
+        if again:
+            self.counters["retries"] += len(again)
+            for idxs in batches([guesses[i] for i in again], self._chunk):
+                group = [again[k] for k in idxs]
+                await finish(group, await fetch(group))
 
     async def _finish_group(
         self, reqs: Sequence[ReadRequest], names: list[str], sizes: list[int], idxs: list[int],
@@ -235,24 +209,11 @@ class MooncakeReads(MooncakeCore):
         await self._cpu(sum(pl.nbytes for pl in done if pl.status == "ok"), self._finish_fillers, done)
 
     # --- membership --------------------------------------------------------------------------------------
-    async def contains(self, key: bytes) -> bool:
-        return (await self.contains_many([key]))[0]
-
-    async def contains_many(self, keys: Sequence[bytes]) -> list[bool]:
-        self._check_open()
-        if not keys:
-            return []
-        names = [self._name(k) for k in keys]
-        if self._skipped():
-            return [False] * len(keys)
-        codes: list[int] = []
-        with self._boundary("looking keys up", raises=False) as attempt:
-            res = await self._call(asyncio.get_running_loop().time() + self.timeout, self._store.batch_is_exist, names)
-            codes = [int(x) for x in res]
-            for c in codes:
-                mc.check_code(c, "looking keys up")
-        if attempt.fault is not None:
-            return [False] * len(keys)
+    async def _exists(self, names: list[str]) -> list[bool]:
+        res = await self._call(asyncio.get_running_loop().time() + self.timeout, self._store.batch_is_exist, names)
+        codes = [int(x) for x in res]
+        for c in codes:
+            mc.check_code(c, "looking keys up")
         if any(c < 0 for c in codes):
             self.counters["errors"] += 1
         return [c == 1 for c in codes]

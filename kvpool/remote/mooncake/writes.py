@@ -7,13 +7,10 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import itertools
-from collections.abc import Sequence
 from typing import Any
 
-import torch
 import xxhash
 
-from ...errors import BackendError
 from ..base import Item
 from ..format import hdr_len, part_seed
 from . import client as mc
@@ -38,14 +35,8 @@ class _Prepared:
 class MooncakeWrites(MooncakeCore):
     """Writes and deletes of :class:`~kvpool.remote.mooncake.MooncakeBackend`."""
 
-    async def write(self, key: bytes, src: torch.Tensor) -> None:
-        await self.write_many([(key, src)])
-
-    async def write_many(self, items: Sequence[tuple[bytes, torch.Tensor]]) -> None:
-        if not items:
-            return
-        names, total = self._check_writes(items)
-        objs = await self._cpu(total, self._items, items, names)
+    async def _write_items(self, objs: list[Item], total: int) -> None:
+        names = [o.name for o in objs]
         deadline = asyncio.get_running_loop().time() + self._deadline(total)
         written_parts: list[str] = []
         olds: list[Any] = []
@@ -53,31 +44,29 @@ class MooncakeWrites(MooncakeCore):
         # before the new header is
         olds_task = asyncio.ensure_future(self._fixed_headers(names, deadline))
         try:
-            with self._boundary(f"writing {len(items)} object(s)", raises=True):
-                # 1. the parts of multi-part objects, under fresh names
-                units = [(o, p) for o in objs if not o.inline for p in range(o.nparts)]
-                part_batches = [[units[b] for b in batch] for batch in batches([o.part_len(p) for o, p in units],
-                                                                               self._chunk)]
-                written_parts = [self._part_name(o.name, o.version, p) for o, p in units]
-                await self._pipeline(
-                    part_batches,
-                    lambda sub: self._prepare_parts(sub, deadline),
-                    lambda sub, prep: self._send(prep, deadline, "put"),
-                    self._discard_prepared,
-                )
-                olds = await olds_task
-                # 2. the headers, and the inline objects, replacing what was there (once one may be written,
-                # the parts are no longer ours to remove on failure)
-                written_parts = []
-                hlens = [hdr_len(o.nparts) + (o.nbytes if o.inline else 0) for o in objs]
-                await self._pipeline(
-                    [[objs[b] for b in batch] for batch in batches(hlens, self._chunk)],
-                    lambda sub: self._prepare_headers(sub, deadline),
-                    lambda sub, prep: self._send(prep, deadline, "upsert"),
-                    self._discard_prepared,
-                )
-        except BackendError:
-            self.counters["write_errors"] += 1
+            # 1. the parts of multi-part objects, under fresh names
+            units = [(o, p) for o in objs if not o.inline for p in range(o.nparts)]
+            part_batches = [[units[b] for b in batch] for batch in batches([o.part_len(p) for o, p in units],
+                                                                           self._chunk)]
+            written_parts = [self._part_name(o.name, o.version, p) for o, p in units]
+            await self._pipeline(
+                part_batches,
+                lambda sub: self._prepare_parts(sub, deadline),
+                lambda sub, prep: self._send(prep, deadline, "put"),
+                self._discard_prepared,
+            )
+            olds = await olds_task
+            # 2. the headers, and the inline objects, replacing what was there (once one may be written, the
+            # parts are no longer ours to remove on failure)
+            written_parts = []
+            hlens = [hdr_len(o.nparts) + (o.nbytes if o.inline else 0) for o in objs]
+            await self._pipeline(
+                [[objs[b] for b in batch] for batch in batches(hlens, self._chunk)],
+                lambda sub: self._prepare_headers(sub, deadline),
+                lambda sub, prep: self._send(prep, deadline, "upsert"),
+                self._discard_prepared,
+            )
+        except BaseException:
             if written_parts:
                 self._schedule_removal(written_parts, 0.0)
             raise
@@ -87,7 +76,6 @@ class MooncakeWrites(MooncakeCore):
                 await asyncio.wait({olds_task})
             if not olds_task.cancelled():
                 olds_task.exception()
-        self._written(objs)
         replaced = [
             n for o, old in zip(objs, olds) for n in self._old_parts(o.name, None if isinstance(old, int) else old,
                                                                      o.version)
@@ -185,20 +173,10 @@ class MooncakeWrites(MooncakeCore):
             raise mc.ClientError(f"{what}: Mooncake refused {len(bad)} value(s) (code {bad[0]})")
 
     # --- deletes -----------------------------------------------------------------------------------------
-    async def delete(self, key: bytes) -> bool:
-        self._check_open()
-        name = self._name(key)
-        if self._skipped("delete_errors"):
-            return False
-        codes = [mc.OBJECT_NOT_FOUND]
-        with self._boundary("deleting an object", raises=False) as attempt:
-            deadline = asyncio.get_running_loop().time() + self.timeout
-            old = (await self._fixed_headers([name], deadline))[0]
-            codes = await self._remove([name, *self._old_parts(name, None if isinstance(old, int) else old)])
-            mc.check_code(codes[0], "deleting an object")
-            if codes[0] != 0 and codes[0] not in mc.ABSENT_CODES:
-                raise mc.ClientError(f"deleting an object: Mooncake error {codes[0]}")
-        if attempt.fault is not None:
-            self.counters["delete_errors"] += 1
-            return False
+    async def _delete(self, key: bytes, name: str) -> bool:
+        old = await self._fixed_header(key, name)
+        codes = await self._remove([name, *self._old_parts(name, old)])
+        mc.check_code(codes[0], "deleting an object")
+        if codes[0] != 0 and codes[0] not in mc.ABSENT_CODES:
+            raise mc.ClientError(f"deleting an object: Mooncake error {codes[0]}")
         return codes[0] == 0
