@@ -363,6 +363,15 @@ static PyObject *Device_shutdown(DeviceObject *self, PyObject *unused)
     Py_RETURN_NONE;
 }
 
+static PyObject *Device_abort(DeviceObject *self, PyObject *unused)
+{
+    (void)unused;
+    if (self->connected)
+        vu_dev_abort(&self->d);
+    self->connected = 0;
+    Py_RETURN_NONE;
+}
+
 static PyObject *Device_queue_info(DeviceObject *self, PyObject *args)
 {
     unsigned q;
@@ -449,6 +458,7 @@ static PyMethodDef Device_methods[] = {
     {"poll", (PyCFunction)Device_poll, METH_VARARGS, "poll(spin_ns) -> bitmask of queues with completions"},
     {"check_alive", (PyCFunction)Device_check_alive, METH_NOARGS, "0, or -errno once the target has gone"},
     {"shutdown", (PyCFunction)Device_shutdown, METH_NOARGS, "GET_VRING_BASE on every ring, close all fds"},
+    {"abort", (PyCFunction)Device_abort, METH_NOARGS, "close all fds without talking to the target"},
     {"queue_info", (PyCFunction)Device_queue_info, METH_VARARGS, "queue_info(q) -> dict"},
     {NULL, NULL, 0, NULL},
 };

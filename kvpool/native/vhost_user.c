@@ -678,6 +678,12 @@ int vu_dev_check_alive(vu_dev *d)
     return -EPROTO;
 }
 
+void vu_dev_abort(vu_dev *d)
+{
+    close_fds(d);
+    d->nqueues = 0;
+}
+
 int vu_dev_shutdown(vu_dev *d)
 {
     int rc = 0;

@@ -116,6 +116,8 @@ int vu_dev_connect(vu_dev *d, const char *path, const vu_region *data, unsigned 
                    unsigned flags, int timeout_ms);
 /* Stops the rings (GET_VRING_BASE) if the socket is still up, then closes everything.  Idempotent. */
 int vu_dev_shutdown(vu_dev *d);
+/* Closes everything without talking to the target (one that is hung or already gone). */
+void vu_dev_abort(vu_dev *d);
 /* 0 while the socket looks healthy, -errno (ECONNRESET for EOF) once the target has gone. */
 int vu_dev_check_alive(vu_dev *d);
 
