@@ -386,3 +386,49 @@ async def test_aclose_is_idempotent_and_final(daemon: Daemon) -> None:
     region[:10] = 1  # the mapping outlives the connection while views exist
     with pytest.raises(VhostDisconnectedError, match="closed"):
         await t.submit([VhostOp.flush()])
+
+
+@pytest.fixture
+def hugepages() -> Iterator[int]:
+    """Reserve 2 MiB pages for the test (restored afterwards); skip if that is not possible."""
+    p = Path("/proc/sys/vm/nr_hugepages")
+    want = 8
+    try:
+        old = int(p.read_text())
+        p.write_text(f"{old + want}\n")
+    except OSError as e:
+        pytest.skip(f"cannot reserve huge pages: {e}")
+    try:
+        free = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                    if line.startswith("HugePages_Free:"))
+        if free < want:
+            pytest.skip(f"only {free} huge pages could be reserved")
+        yield want
+    finally:
+        p.write_text(f"{old}\n")
+
+
+async def test_hugetlb_region_round_trip(daemon: Daemon, hugepages: int) -> None:
+    t = await VhostBlkTransport.connect(str(daemon.sock), region_bytes=8 * MiB, hugetlb=True)
+    try:
+        assert t.region_hugetlb and t.region_address % (2 * MiB) == 0
+        buf = t.alloc(4 * MiB)
+        buf.tensor.copy_(rand(4 * MiB, 9))
+        assert await t.submit([VhostOp.write(2 * MiB, buf.iov())]) == [4 * MiB]
+        assert file_read(daemon.image, 2 * MiB, 4 * MiB) == bytes(buf.tensor.numpy())
+        out = t.alloc(4 * MiB)
+        assert await t.submit([VhostOp.read(2 * MiB, out.iov())]) == [4 * MiB]
+        assert torch.equal(out.tensor, buf.tensor)
+    finally:
+        await t.aclose()
+        del t
+        import gc
+
+        gc.collect()
+
+
+async def test_hugetlb_required_but_missing_is_a_clear_error(daemon: Daemon) -> None:
+    if int(Path("/proc/sys/vm/nr_hugepages").read_text()) > 0:
+        pytest.skip("huge pages are reserved on this machine")
+    with pytest.raises(OSError, match="huge pages"):
+        await VhostBlkTransport.connect(str(daemon.sock), region_bytes=4 * MiB, hugetlb=True)
