@@ -432,3 +432,30 @@ async def test_hugetlb_required_but_missing_is_a_clear_error(daemon: Daemon) -> 
         pytest.skip("huge pages are reserved on this machine")
     with pytest.raises(OSError, match="huge pages"):
         await VhostBlkTransport.connect(str(daemon.sock), region_bytes=4 * MiB, hugetlb=True)
+
+
+# --- the C core on its own, under sanitizers ------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("tool", ["asan", "valgrind"])
+def test_native_core_sanitizer_clean(tool: str, daemon: Daemon, tmp_path: Path) -> None:
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    if tool == "valgrind" and shutil.which("valgrind") is None:
+        pytest.skip("valgrind not installed")
+    exe = tmp_path / f"selftest_{tool}"
+    flags = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"] if tool == "asan" else []
+    subprocess.run([cc, "-g", "-O1", "-std=gnu11", "-Wall", "-Wextra", "-Werror", *flags,
+                    str(REPO / "tests/ssd/vhost_selftest.c"), str(REPO / "kvpool/native/vhost_user.c"),
+                    "-o", str(exe)], check=True)
+    for mode in ([], ["poll"]):
+        cmd = [str(exe), str(daemon.sock), *mode]
+        if tool == "valgrind":
+            cmd = ["valgrind", "-q", "--error-exitcode=3", "--leak-check=full", *cmd]
+        env = dict(os.environ, UBSAN_OPTIONS="halt_on_error=1", ASAN_OPTIONS="detect_leaks=1")
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert r.stdout.startswith("ok (2 queues"), r.stdout
