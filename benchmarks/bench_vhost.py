@@ -45,10 +45,10 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))  # measure the checkout this file lives in
-from _util import save  # noqa: E402
+from _util import save
 
-from kvpool.ssd.vhost_transport import VhostBlkTransport, VhostOp  # noqa: E402
-from kvpool.uring_engine import OP_READ, UringEngine, alloc_aligned, buffer_address  # noqa: E402
+from kvpool.ssd.vhost_transport import VhostBlkTransport, VhostOp
+from kvpool.uring_engine import OP_READ, UringEngine, alloc_aligned, buffer_address
 
 MiB = 1 << 20
 CLK = os.sysconf("SC_CLK_TCK")
@@ -86,8 +86,7 @@ def make_file(path: Path, size: int) -> None:
         return
     chunk = os.urandom(8 * MiB)
     with open(path, "wb") as f:
-        for _ in range(size // len(chunk)):
-            f.write(chunk)
+        f.writelines(chunk for _ in range(size // len(chunk)))
         f.flush()
         os.fsync(f.fileno())
 
@@ -121,7 +120,7 @@ def run(coro: Any) -> dict[str, float]:
 async def bench_vhost(sock: str, size: int, obj: int, qd: int, poll: bool, qsd_pid: int,
                       dropped: list[bool], hugetlb: bool = False) -> dict[str, float]:
     t = await VhostBlkTransport.connect(sock, region_bytes=qd * obj, poll=poll, timeout=30,
-                                        hugetlb=True if hugetlb else False)
+                                        hugetlb=bool(hugetlb))
     try:
         bufs = [t.alloc(obj) for _ in range(qd)]
 
@@ -179,8 +178,8 @@ def start_qsd(path: Path, sock: Path, queues: int) -> subprocess.Popen[bytes]:
     p = subprocess.Popen(
         ["qemu-storage-daemon", "--blockdev",
          f"driver=file,node-name=f0,filename={path},cache.direct=on,aio=io_uring",
-         "--export", f"type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path={sock},writable=off,"
-                     f"num-queues={queues}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+         "--export", (f"type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path={sock},writable=off,"
+                     f"num-queues={queues}")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 10
     while not sock.exists():
         if p.poll() is not None or time.monotonic() > deadline:

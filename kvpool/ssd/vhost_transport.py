@@ -40,15 +40,13 @@ import asyncio
 import bisect
 import collections
 import errno
-import os
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, NamedTuple, Protocol, cast
-
-import torch
+from typing import Any, Final, NamedTuple, Protocol, Self, cast
 
 import kvpool._vhost as _vhost  # noqa: PLR0402  (mypy cannot see the compiled submodule otherwise)
+import torch
 
 __all__ = [
     "OP_FLUSH",
@@ -101,7 +99,9 @@ class VhostTimeoutError(VhostError, TimeoutError):  # type: ignore[misc,valid-ty
         As for :class:`VhostDisconnectedError`.
     """
 
-    results: list[int | None] = []
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.results: list[int | None] = []
 
 
 class VhostOp(NamedTuple):
@@ -295,7 +295,7 @@ class _Batch:
 
 
 class _OpState:
-    __slots__ = ("batch", "bytes", "cursor", "err", "index", "op", "staged", "staged_all", "done", "token")
+    __slots__ = ("batch", "bytes", "cursor", "done", "err", "index", "op", "staged", "staged_all", "token")
 
     def __init__(self, batch: _Batch, index: int, op: VhostOp, token: int) -> None:
         self.batch = batch
@@ -798,7 +798,7 @@ class VhostBlkTransport:
                                      f"{batch.remaining} request(s) within the deadline; treating it as "
                                      "hung and dropping the connection"))
 
-    def _fail(self, exc: OSError) -> None:
+    def _fail(self, exc: VhostDisconnectedError | VhostTimeoutError) -> None:
         """Drop the connection and fail everything in flight with ``exc`` (a fresh copy per batch)."""
         dev = self._dev
         if dev is None:
@@ -826,7 +826,7 @@ class VhostBlkTransport:
                 b.drained.set_result(None)
             if not b.future.done():
                 e = type(exc)(exc.errno, exc.strerror)
-                e.results = list(b.results)  # type: ignore[attr-defined]
+                e.results = list(b.results)
                 b.future.set_exception(e)
 
     def _detach(self, dev: _Device) -> None:
@@ -892,7 +892,7 @@ class VhostBlkTransport:
         self._closed = True
         self._region.close()  # the mapping lives on while tensors view it
 
-    async def __aenter__(self) -> VhostBlkTransport:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
