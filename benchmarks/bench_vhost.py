@@ -143,7 +143,9 @@ async def bench_uring(path: Path, size: int, obj: int, qd: int, dropped: list[bo
     eng = UringEngine(entries=max(8, 2 * qd))
     try:
         eng.register_files([fd])
+        free0 = hugepages_free()
         bufs = [alloc_aligned(obj) for _ in range(qd)]
+        hugetlb = hugepages_free() < free0  # alloc_aligned takes huge pages when enough are free
         addrs = [buffer_address(b) for b in bufs]
 
         async def read_one(slot: int, off: int) -> int:
@@ -154,7 +156,7 @@ async def bench_uring(path: Path, size: int, obj: int, qd: int, dropped: list[bo
         n = await run_queue_depth(size // obj, qd, read_one, obj)
         wall, cpu = time.perf_counter() - w0, self_cpu() - c0
         gb = n / 1e9
-        return {"gbps": gb / wall, "cpu_s_per_gb": cpu / gb}
+        return {"gbps": gb / wall, "cpu_s_per_gb": cpu / gb, "hugetlb_buffers": float(hugetlb)}
     finally:
         await eng.aclose()
         os.close(fd)
@@ -188,6 +190,13 @@ def start_qsd(path: Path, sock: Path, queues: int) -> subprocess.Popen[bytes]:
     return p
 
 
+def hugepages_free() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("HugePages_Free:"):
+            return int(line.split()[1])
+    return 0
+
+
 def reserve_hugepages(extra: int) -> int | None:
     """Raise vm.nr_hugepages by ``extra`` 2 MiB pages; returns the old value (None if impossible)."""
     p = Path("/proc/sys/vm/nr_hugepages")
@@ -196,11 +205,7 @@ def reserve_hugepages(extra: int) -> int | None:
         p.write_text(f"{old + extra}\n")
     except OSError:
         return None
-    free = 0
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("HugePages_Free:"):
-            free = int(line.split()[1])
-    if free < extra:
+    if hugepages_free() < extra:
         p.write_text(f"{old}\n")
         return None
     return old
@@ -266,7 +271,8 @@ def main() -> None:
                    "target": "qemu-storage-daemon cache.direct=on aio=io_uring", "caches_dropped": all(dropped),
                    "cpus": os.cpu_count(), "kernel": os.uname().release,
                    "hugepages_reserved": None if old_huge is None else qd_pages,
-                   "uring_buffers": "kvpool.buffers.alloc_aligned (hugetlb if free, else THP-advised)",
+                   "uring_buffers": "kvpool.buffers.alloc_aligned: hugetlb when free pages suffice (see "
+                                    "results.uring.hugetlb_buffers), else THP-advised anonymous memory",
                    "fio_buffers": "fio default (malloc)"},
         "results": summary,
         "ratios": {"vhost_eventfd_over_uring_gbps": summary["vhost_eventfd"]["gbps"] / u,
