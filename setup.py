@@ -8,6 +8,12 @@ setup(
             "kvpool._uring",
             sources=["kvpool/native/uring.c"],
             extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wno-unused-function"],
-        )
+        ),
+        Extension(
+            "kvpool._vhost",
+            sources=["kvpool/native/vhost_module.c", "kvpool/native/vhost_user.c"],
+            depends=["kvpool/native/vhost_user.h"],
+            extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wno-unused-function"],
+        ),
     ]
 )
