@@ -67,104 +67,7 @@ class TestRedisMultipartConformance(TestRedisConformance):
         return RedisBackend(self.url, prefix=_prefix(), part_size=16 * KiB)
 
 
-# --- format, parts, faults ----------------------------------------------------------------------------------
-async def test_multipart_objects_and_partial_reads(redis_server: RedisServer, raw: aredis.Redis) -> None:
-    async with RedisBackend(redis_server.url, prefix=_prefix(), part_size=64 * KiB) as b:
-        k, d = rand_key(), rand_bytes(MiB + 123, 1)  # 17 parts, the last one short
-        await b.write(k, d)
-        assert len(await _part_names(raw, b, k)) == 17
-        assert await b.object_size(k) == MiB + 123
-        out = torch.empty_like(d)
-        assert await b.read_into(k, out)
-        assert torch.equal(out, d)
-        # ranges inside one part, across two, across many, ending in the short last part
-        for off, n in ((5, 100), (64 * KiB - 7, 20), (100_000, 300_000), (MiB - 1000, 1123), (0, MiB + 123)):
-            sub = torch.empty(n, dtype=torch.uint8)
-            assert await b.read_into(k, sub, off), (off, n)
-            assert torch.equal(sub, d[off : off + n])
-        # typed, strided destination of a multi-part object
-        kv = torch.randn(4, 2, 64, 4, 64).to(torch.bfloat16)
-        view = kv[:, :, 8:40]  # 128 KiB... in 8 runs
-        k2 = rand_key()
-        await b.write(k2, view)
-        full = torch.zeros_like(kv)
-        assert await b.read_into(k2, full[:, :, 8:40])
-        assert torch.equal(full[:, :, 8:40], view)
-        assert torch.count_nonzero(full[:, :, :8].float()) == 0
-        # a range read fetches only the covering parts: removing another part does not affect it
-        names = await _part_names(raw, b, k)
-        await raw.delete(names[0])
-        sub = torch.empty(1000, dtype=torch.uint8)
-        assert await b.read_into(k, sub, 5 * 64 * KiB + 10)
-        assert torch.equal(sub, d[5 * 64 * KiB + 10 : 5 * 64 * KiB + 1010])
-        assert await b.read_into(k, sub, 10) is False
-
-
-async def test_large_objects_verify_off_the_event_loop(redis_server: RedisServer) -> None:
-    # >= 8 MiB: checksums and copies run in a worker thread, on both sides
-    async with RedisBackend(redis_server.url, prefix=_prefix(), part_size=MiB) as b:
-        k, d = rand_key(), rand_bytes(9 * MiB + 1, 8)
-        await b.write(k, d)
-        lo, hi = torch.empty(4 * MiB + 1, dtype=torch.uint8), torch.empty(5 * MiB, dtype=torch.uint8)
-        assert await b.read_many([ReadRequest(k, lo), ReadRequest(k, hi, 4 * MiB + 1)]) == [True, True]
-        assert torch.equal(torch.cat([lo, hi]), d)
-        assert b.stats()["bytes_read"] == 9 * MiB + 1
-
-
-async def test_part_deleted_underneath_is_a_miss(redis_server: RedisServer, raw: aredis.Redis) -> None:
-    async with RedisBackend(redis_server.url, prefix=_prefix(), part_size=16 * KiB) as b:
-        k, d = rand_key(), rand_bytes(100 * KiB, 2)
-        await b.write(k, d)
-        names = await _part_names(raw, b, k)
-        assert len(names) == 7
-        await raw.delete(names[3])  # as if the server had evicted that one part
-        out = torch.full_like(d, 7)
-        assert await b.read_into(k, out) is False
-        st = b.stats()
-        assert st["missing_parts"] == 1 and st["misses"] == 1 and st["hits"] == 0
-        assert await b.read_many([ReadRequest(k, out)]) == [False]
-        # rewriting heals it
-        await b.write(k, d)
-        assert await b.read_into(k, out)
-        assert torch.equal(out, d)
-
-
-async def test_flipped_bytes_are_misses_never_data(redis_server: RedisServer, raw: aredis.Redis) -> None:
-    async with RedisBackend(redis_server.url, prefix=_prefix(), part_size=16 * KiB) as b:
-        big, small = rand_key(), rand_key()
-        d_big, d_small = rand_bytes(64 * KiB, 3), rand_bytes(4 * KiB, 4)
-        await b.write(big, d_big)
-        await b.write(small, d_small)
-        out = torch.empty_like(d_big)
-        # a byte flipped in a stored part
-        part = (await _part_names(raw, b, big))[2]
-        orig = await raw.getrange(part, 100, 100)
-        await raw.setrange(part, 100, bytes([orig[0] ^ 0x40]))
-        assert await b.read_into(big, out) is False
-        assert b.stats()["corrupt"] == 1
-        # a range that does not touch the damaged part still reads
-        assert await b.read_into(big, out[: 16 * KiB])
-        assert torch.equal(out[: 16 * KiB], d_big[: 16 * KiB])
-        # a byte flipped in the data of an inline object, and in a header
-        name = f"{b.prefix}{{{small.hex()}}}"
-        n = await raw.strlen(name)
-        last = await raw.getrange(name, n - 1, n - 1)
-        await raw.setrange(name, n - 1, bytes([last[0] ^ 1]))
-        o2 = torch.empty_like(d_small)
-        assert await b.read_into(small, o2) is False
-        await b.write(small, d_small)
-        await raw.setrange(name, 20, b"\xff")
-        assert await b.read_into(small, o2) is False
-        assert b.stats()["corrupt"] == 3
-        # a value copied under another key's name (misplaced) is detected by the key in the header
-        other = rand_key()
-        await b.write(small, d_small)
-        await raw.set(f"{b.prefix}{{{other.hex()}}}", await raw.get(name))
-        assert await b.read_into(other, o2) is False
-        assert b.stats()["corrupt"] == 4
-        assert await b.read_into(small, o2) and torch.equal(o2, d_small)
-
-
+# --- parts, expiry, lookups (the format shared with mooncake:// is tested in tests/remote/test_objects.py) ----------------------------------------------------------------------------------
 async def test_overwrite_expires_the_old_parts(redis_server: RedisServer, raw: aredis.Redis) -> None:
     async with RedisBackend(redis_server.url, prefix=_prefix(), part_size=16 * KiB) as b:
         k = rand_key()
@@ -260,12 +163,6 @@ async def test_lookup_of_many_keys(redis_server: RedisServer, raw: aredis.Redis)
         assert b._exists_script is None
         assert b.stats()["errors"] == 0
         assert await b.contains_many(keys) == [i == 5 for i in range(20)]
-
-
-async def test_keys_must_be_16_bytes(redis_server: RedisServer) -> None:
-    async with RedisBackend(redis_server.url, prefix=_prefix()) as b:
-        with pytest.raises(ValueError):
-            await b.write(b"short", rand_bytes(16))
 
 
 # --- Redis Cluster ------------------------------------------------------------------------------------------
