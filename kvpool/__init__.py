@@ -4,8 +4,8 @@ Public names live here and only here::
 
     import kvpool, torch
     layout = kvpool.KVLayout(num_layers=32, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16)
-    async with await kvpool.KVPool.open(layout=layout, model_id="llama-3.1-8b",
-                                        backends=["dram://?capacity=8GiB"]) as pool:
+    async with kvpool.KVPool.open(layout=layout, model_id="llama-3.1-8b",
+                                  backends=["dram://?capacity=8GiB"]) as pool:
         await pool.put(tokens, kv)
         kv = await pool.get(tokens)
 """
@@ -30,6 +30,7 @@ from .pool import KVPool
 from .pool.paged import restore_paged
 from .storage.registry import get_backend_class, known_backends, register_backend, registry
 from .sync import SyncPool
+from .types import PoolStats, TierStats, Tokens
 
 __version__ = "0.1.0"
 
@@ -49,9 +50,12 @@ __all__ = [
     "PoolConfig",
     "PagedKV",
     "PoolLockedError",
+    "PoolStats",
     "ReadRequest",
     "RestoreError",
     "SyncPool",
+    "TierStats",
+    "Tokens",
     "UnknownBackendError",
     "get_backend_class",
     "known_backends",

@@ -402,8 +402,9 @@ def environment_overrides(environ: Mapping[str, str] | None = None) -> dict[str,
     ``KVPOOL_NAMESPACE``, ``KVPOOL_LAYOUT`` (a preset), ``KVPOOL_LAYOUT_<FIELD>`` (``KVPOOL_LAYOUT_DTYPE``...),
     ``KVPOOL_<POOL OPTION>`` (``KVPOOL_WRITE_POLICY``, ``KVPOOL_STAGING_BYTES``...). ``KVPOOL_CONFIG`` names the
     file :func:`load_settings` reads when given no source. Other ``KVPOOL_*`` names raise
-    :class:`~kvpool.ConfigError` listing the valid ones (a typo must not be ignored), except those in
-    ``KVPOOL_ENV_IGNORE`` (comma-separated) which applications may use for their own settings.
+    :class:`~kvpool.ConfigError` when they are close to a valid name (a typo must not be ignored) and are
+    logged as ignored otherwise, except those in ``KVPOOL_ENV_IGNORE`` (comma-separated), which applications may
+    use for their own settings.
     """
     env = os.environ if environ is None else environ
     ignore = {n.strip().upper() for n in env.get("KVPOOL_ENV_IGNORE", "").split(",") if n.strip()}
@@ -423,11 +424,23 @@ def environment_overrides(environ: Mapping[str, str] | None = None) -> dict[str,
         else:
             bad.append(name)
     if bad:
+        import difflib
+        import logging
+
         valid = sorted([*known_top, "KVPOOL_CONFIG", "KVPOOL_ENV_IGNORE", "KVPOOL_LAYOUT",
                         *(f"KVPOOL_LAYOUT_{f.upper()}" for f in _LAYOUT_FIELDS)])
-        raise ConfigError(
-            f"unknown environment variable(s) {', '.join(sorted(bad))}; kvpool reads {', '.join(valid)} "
-            "(list your own in KVPOOL_ENV_IGNORE)"
+        # A name close to one of ours is a typo (KVPOOL_WRITEPOLICY): an error, or the setting is lost. Others
+        # (a test harness's KVPOOL_TEST, an application's own) are only logged.
+        typos = {b: m[0] for b in bad if (m := difflib.get_close_matches(b, valid, n=1, cutoff=0.85))}
+        if typos:
+            raise ConfigError(
+                "unknown environment variable(s) "
+                + ", ".join(f"{b} (did you mean {m}?)" for b, m in sorted(typos.items()))
+                + f"; kvpool reads {', '.join(valid)} (list your own in KVPOOL_ENV_IGNORE)"
+            )
+        logging.getLogger("kvpool").warning(
+            "ignoring environment variable(s) %s: not kvpool options (list them in KVPOOL_ENV_IGNORE to silence this)",
+            ", ".join(sorted(bad)),
         )
     if layout:
         out["layout"] = layout

@@ -90,7 +90,10 @@ def test_concurrent_clients_share_the_system_prompt(server: str) -> None:
             metrics = await client.get("/metrics")
             assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
             text = metrics.text
-            assert 'kvpool_put_seconds_count{pool="example"} 9.0' in text  # 8 first requests + the repeat
+            import re
+
+            puts = re.search(r'^kvpool_put_seconds_count\{pool="example"\} ([0-9.]+)$', text, re.M)
+            assert puts and float(puts.group(1)) == stats["puts"] >= 8  # every put timed
             assert 'kvpool_stream_first_layer_seconds_bucket{le="+Inf",pool="example"}' in text
             assert 'kvpool_tier_hit_ratio{pool="example",scheme="uring",tier="1"}' in text
             assert 'kvpool_hit_ratio{pool="example"}' in text
@@ -143,5 +146,5 @@ def test_a_config_mistake_stops_the_server_at_start_up(monkeypatch: pytest.Monke
         async with example.app.router.lifespan_context(example.app):
             pass
 
-    with pytest.raises(kvpool.ConfigError, match="KVPOOL_WRITE_POLCY.*KVPOOL_WRITE_POLICY"):
+    with pytest.raises(kvpool.ConfigError, match=r"KVPOOL_WRITE_POLCY \(did you mean KVPOOL_WRITE_POLICY\?\)"):
         asyncio.run(main())

@@ -37,7 +37,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from pydantic import BaseModel, Field
 
 import kvpool
-import kvpool.types
 from kvpool.config import load_settings
 from kvpool.integrations.transformers import PrefillStats, cache_argument, layout_for, prefill_with_pool
 from kvpool.metrics import PoolCollector
@@ -163,9 +162,9 @@ async def generate(req: GenerateRequest) -> GenerateResponse:
 
 
 @app.get("/stats")
-async def stats() -> kvpool.types.PoolStats:
+async def stats() -> dict[str, Any]:
     pool: kvpool.KVPool = app.state.pool
-    return pool.stats()
+    return dict(pool.stats())  # a plain dict: pydantic needs typing_extensions' TypedDict on Python 3.11
 
 
 @app.get("/metrics")

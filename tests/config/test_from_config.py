@@ -136,11 +136,17 @@ def test_errors_name_the_file_the_key_and_the_valid_values(tmp_path: Path, text:
     assert str(cfg) in str(exc.value)
 
 
-def test_unknown_environment_variable_is_an_error_unless_ignored() -> None:
+def test_a_misspelt_environment_variable_is_an_error_others_are_logged(caplog: pytest.LogCaptureFixture) -> None:
     base = {"KVPOOL_MODEL_ID": "m", "KVPOOL_LAYOUT": "llama-3.1-8b", "KVPOOL_BACKENDS": "dram://"}
-    with pytest.raises(kvpool.ConfigError, match="unknown environment variable.*KVPOOL_WRITEPOLICY.*KVPOOL_WRITE_POLICY"):
+    with pytest.raises(kvpool.ConfigError, match=r"KVPOOL_WRITEPOLICY \(did you mean KVPOOL_WRITE_POLICY\?\)"):
         load_settings(environ={**base, "KVPOOL_WRITEPOLICY": "write-back"})
-    load_settings(environ={**base, "KVPOOL_MINE": "1", "KVPOOL_ENV_IGNORE": "KVPOOL_MINE"})
+    with caplog.at_level("WARNING", logger="kvpool"):
+        load_settings(environ={**base, "KVPOOL_MINE": "1"})
+    assert "ignoring environment variable(s) KVPOOL_MINE" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="kvpool"):
+        load_settings(environ={**base, "KVPOOL_MINE": "1", "KVPOOL_ENV_IGNORE": "KVPOOL_MINE"})
+    assert "KVPOOL_MINE" not in caplog.text
 
 
 def test_missing_file_and_wrong_suffix(tmp_path: Path) -> None:
