@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
+import attrs
 import pytest
 import torch
 
@@ -162,3 +163,88 @@ async def test_failing_lower_tier_degrades_to_misses() -> None:
         assert (await pool.get(t)).shape[2] == 0  # misses, no exception
         bottom.broken = False
         assert torch.equal(await pool.get(t), kv)
+
+
+# --- the scheduler as a full proxy ----------------------------------------------------------------------------
+class _RemoteLikeDRAM(DRAMBackend):
+    """A real DRAM tier declared remote, so its membership queries are queued like a network tier's."""
+
+    capabilities = attrs.evolve(DRAMBackend.capabilities, remote=True, queued_io=True)
+
+
+async def test_membership_and_deletes_go_through_the_scheduler() -> None:
+    local = DRAMBackend(MiB)
+    remote = _RemoteLikeDRAM(MiB)
+    for b in (local, remote):
+        await b.open()
+        io = TierScheduler(b, max_inflight=1)
+        k = rand_key()
+        await io.write(k, rand_bytes(4096))
+        assert await io.contains_many([k, rand_key()]) == [True, False]
+        assert await io.contains(k) and await io.object_size(k) == 4096
+        assert await io.delete(k) and not await io.contains(k)
+        assert io.stats()["ops_meta"] == 5
+        await b.close()
+
+
+async def test_remote_membership_queues_behind_the_running_operation() -> None:
+    dev = LatencyBackend(_RemoteLikeDRAM(4 * MiB), latency=0.05)
+    await dev.open()
+    io = TierScheduler(dev, max_inflight=1)
+    k = rand_key()
+    await dev.inner.write(k, rand_bytes(4096))
+    order: list[str] = []
+
+    async def read() -> None:
+        await io.read_into(k, torch.empty(4096, dtype=torch.uint8))
+        order.append("read")
+
+    async def lookup() -> None:
+        await io.contains(k)
+        order.append("contains")
+
+    r = asyncio.ensure_future(read())
+    await asyncio.sleep(0.01)  # the read holds the only slot
+    await asyncio.gather(lookup(), r)
+    assert order == ["read", "contains"]  # a remote round trip waits its turn on the connection
+    local = TierScheduler(DRAMBackend(MiB), max_inflight=1)
+    await local.backend.open()
+    assert local.queued is False and not await local.contains(k)  # a local index lookup: straight through
+    await local.backend.close()
+    await dev.close()
+
+
+class _WholeObjects(DRAMBackend):
+    """A real DRAM tier that declares it reads whole objects only, and holds callers to that."""
+
+    capabilities = attrs.evolve(DRAMBackend.capabilities, partial_reads=False, queued_io=True)
+
+    async def read_into(self, key: bytes, dest: torch.Tensor, offset: int = 0) -> bool:
+        size = await self.object_size(key)
+        assert offset == 0 and (size is None or dest.numel() * dest.element_size() == size), "a range was asked"
+        return await super().read_into(key, dest, offset)
+
+
+async def test_range_reads_on_a_whole_object_tier() -> None:
+    layout = KVLayout(num_layers=4, num_kv_heads=2, head_dim=8, dtype=torch.float16, chunk_tokens=16)
+    kv = torch.randn(layout.kv_shape(48)).half()
+    tokens = list(range(48))
+    async with await KVPool.open(layout=layout, model_id="m", backends=[_WholeObjects(8 * MiB)]) as pool:
+        await pool.put(tokens, kv)
+        seen = [(layer, x.clone()) async for layer, x in pool.stream(tokens)]  # layer-wise: ranges of objects
+        assert [layer for layer, _ in seen] == list(range(4))
+        for layer, x in seen:
+            assert torch.equal(x, kv[layer])
+        assert torch.equal(await pool.get(tokens), kv)  # whole objects go straight through
+        io = pool.stats()["tiers"][0]["io"]
+        assert io["whole_object_reads"] == 4 * 3  # each layer read each of the 3 objects whole, once
+    sched = TierScheduler(_WholeObjects(MiB))
+    await sched.backend.open()
+    k, d = rand_key(), rand_bytes(8192)
+    await sched.write(k, d)
+    with pytest.raises(ValueError):
+        await sched.read_into(k, torch.empty(100, dtype=torch.uint8), 8100)
+    out = torch.empty(3, dtype=torch.uint8)
+    assert await sched.read_into(k, out, 5) and torch.equal(out, d[5:8])
+    assert not await sched.read_into(rand_key(), out, 5)
+    await sched.backend.close()

@@ -22,5 +22,6 @@ def rand_bytes(n: int, seed: int | None = None) -> torch.Tensor:
 
 def raw_bytes(t: torch.Tensor) -> bytes:
     """The row-major bytes of ``t`` (any dtype, shape, strides, device): what a backend stores for it."""
-    flat = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+    # a fresh tensor, not .contiguous(): a size-1 dim may keep an odd stride that a dtype view refuses
+    flat = torch.empty(t.shape, dtype=t.dtype).copy_(t.detach()).reshape(-1).view(torch.uint8)
     return bytes(flat.numpy().tobytes())
