@@ -20,15 +20,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -36,91 +31,14 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from _util import save  # noqa: E402
-
-import mooncake  # noqa: E402
+from harness.servers import MooncakeCluster  # noqa: E402
 from mooncake.store import MooncakeDistributedStore  # noqa: E402
 
 from kvpool.remote.mooncake import MooncakeBackend  # noqa: E402
 
 MiB = 1 << 20
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def binary(name: str) -> str:
-    here = os.path.join(os.path.dirname(mooncake.__file__), name)
-    if os.path.isfile(here) and os.access(here, os.X_OK):
-        return here
-    found = shutil.which(name)
-    if found is None:
-        sys.exit(f"{name} is not installed (pip install mooncake-transfer-engine-non-cuda)")
-    return found
-
-
-def http(port: int, path: str) -> str | None:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
-            return str(r.read().decode())
-    except OSError:
-        return None
-
-
-def listening(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-def start_cluster(workdir: str, segment: str) -> tuple[list[subprocess.Popen[bytes]], dict[str, int]]:
-    """mooncake_master (RPC, HTTP metadata, admin) and one storage node lending ``segment``."""
-    procs: list[subprocess.Popen[bytes]] = []
-    ports = {"rpc": free_port(), "meta": free_port(), "admin": free_port(), "node": free_port()}
-    log = open(os.path.join(workdir, "mooncake.log"), "wb")  # noqa: SIM115 - closed with the processes
-    procs.append(subprocess.Popen(
-        [binary("mooncake_master"), f"--rpc_port={ports['rpc']}", "--rpc_address=127.0.0.1",
-         "--enable_http_metadata_server=true", "--http_metadata_server_host=127.0.0.1",
-         f"--http_metadata_server_port={ports['meta']}", "--metrics_host=127.0.0.1",
-         f"--metrics_port={ports['admin']}", "--logtostderr"],
-        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-    ))
-    deadline = time.monotonic() + 15
-    while not (listening(ports["rpc"]) and listening(ports["meta"]) and http(ports["admin"], "/get_all_segments")
-               is not None):
-        if time.monotonic() > deadline or procs[0].poll() is not None:
-            stop(procs)
-            sys.exit(f"mooncake_master did not start; see {workdir}/mooncake.log")
-        time.sleep(0.05)
-    procs.append(subprocess.Popen(
-        [binary("mooncake_client"), f"--global_segment_size={segment}", "--host=127.0.0.1",
-         f"--port={ports['node']}", f"--master_server_address=127.0.0.1:{ports['rpc']}",
-         f"--metadata_server=http://127.0.0.1:{ports['meta']}/metadata"],
-        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-    ))
-    deadline = time.monotonic() + 20
-    while not (http(ports["admin"], "/get_all_segments") or "").strip():
-        if time.monotonic() > deadline or procs[1].poll() is not None:
-            stop(procs)
-            sys.exit(f"the storage node did not start; see {workdir}/mooncake.log")
-        time.sleep(0.05)
-    return procs, ports
-
-
-def stop(procs: list[subprocess.Popen[bytes]]) -> None:
-    for p in reversed(procs):
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
 
 
 async def atimed(fn: Callable[[], Awaitable[Any]]) -> float:
@@ -135,9 +53,9 @@ def timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - t0
 
 
-async def run(ports: dict[str, int], repeat: int, size: int) -> dict[str, float]:
-    master = f"127.0.0.1:{ports['rpc']}"
-    metadata = f"http://127.0.0.1:{ports['meta']}/metadata"
+async def run(cluster: MooncakeCluster, repeat: int, size: int) -> dict[str, float]:
+    master = cluster.master_address
+    metadata = cluster.metadata
     raw = MooncakeDistributedStore()
     assert raw.setup("127.0.0.1", metadata, 0, 2 * size + 16 * MiB, "tcp", "", master) == 0
     g = torch.Generator().manual_seed(0)
@@ -145,7 +63,7 @@ async def run(ports: dict[str, int], repeat: int, size: int) -> dict[str, float]
     raw_bytes = data.numpy().tobytes()
     dest = torch.empty_like(data)
     res: dict[str, float] = {"object_MiB": size / MiB}
-    common: dict[str, Any] = {"metadata": metadata, "admin": f"127.0.0.1:{ports['admin']}", "timeout": 5.0}
+    common: dict[str, Any] = {"metadata": metadata, "admin": cluster.admin, "timeout": 5.0}
     zc = MooncakeBackend(master, prefix="bench:zc:", **common)
     plain = MooncakeBackend(master, prefix="bench:plain:", zero_copy=False, buffer=2 * size + 16 * MiB, **common)
     async with zc, plain:
@@ -220,11 +138,14 @@ def main() -> None:
     ap.add_argument("--size-mib", type=int, default=32)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        procs, ports = start_cluster(tmp, "2GB")
         try:
-            res = asyncio.run(run(ports, args.repeat, args.size_mib * MiB))
+            cluster = MooncakeCluster(Path(tmp), segment="2GB")
+        except RuntimeError as exc:
+            sys.exit(str(exc))
+        try:
+            res = asyncio.run(run(cluster, args.repeat, args.size_mib * MiB))
         finally:
-            stop(procs)
+            cluster.stop()  # closes this process's idle clients first, while the master is up
     print(f"{'figure':<40}{'value':>12}")
     print(f"{'raw client get':<40}{res['raw_get_GBps']:>9.2f} GB/s")
     print(f"{'MooncakeBackend.read_into (zero-copy)':<40}{res['read_into_GBps']:>9.2f} GB/s")

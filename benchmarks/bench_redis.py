@@ -18,10 +18,7 @@ import argparse
 import asyncio
 import os
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,44 +27,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import save  # noqa: E402
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import redis.asyncio as aredis  # noqa: E402
+from _util import save  # noqa: E402
+from harness.servers import RedisServer  # noqa: E402
 
 from kvpool.remote.redis import RedisBackend  # noqa: E402
 
 MiB = 1 << 20
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_server(workdir: str) -> tuple[subprocess.Popen[bytes], int]:
-    if shutil.which("redis-server") is None:
-        sys.exit("redis-server is not installed")
-    for _ in range(5):
-        port = free_port()
-        proc = subprocess.Popen(
-            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", workdir, "--logfile", os.path.join(workdir, "redis.log")],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return proc, port
-            except OSError:
-                pass
-            time.sleep(0.02)
-        proc.kill()
-        proc.wait()
-    sys.exit("redis-server did not start")
 
 
 async def timed(coro_fn) -> float:  # type: ignore[no-untyped-def]
@@ -143,12 +110,10 @@ def main() -> None:
     ap.add_argument("--size-mib", type=int, default=32)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        proc, port = start_server(tmp)
-        try:
-            res = asyncio.run(run(port, args.repeat, args.size_mib * MiB))
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(10)
+        if shutil.which("redis-server") is None:
+            sys.exit("redis-server is not installed")
+        with RedisServer(Path(tmp)) as srv:
+            res = asyncio.run(run(srv.port, args.repeat, args.size_mib * MiB))
     print(f"{'figure':<34}{'value':>12}")
     print(f"{'plain redis-py GET':<34}{res['plain_get_GBps']:>9.2f} GB/s")
     print(f"{'RedisBackend.read_into':<34}{res['read_into_GBps']:>9.2f} GB/s")
