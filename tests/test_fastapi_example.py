@@ -93,7 +93,7 @@ def test_concurrent_clients_share_the_system_prompt(server: str) -> None:
             import re
 
             puts = re.search(r'^kvpool_put_seconds_count\{pool="example"\} ([0-9.]+)$', text, re.M)
-            assert puts and float(puts.group(1)) == stats["puts"] >= 8  # every put timed
+            assert puts and float(puts.group(1)) == stats["puts"] >= 1  # every put timed
             assert 'kvpool_stream_first_layer_seconds_bucket{le="+Inf",pool="example"}' in text
             assert 'kvpool_tier_hit_ratio{pool="example",scheme="uring",tier="1"}' in text
             assert 'kvpool_hit_ratio{pool="example"}' in text
