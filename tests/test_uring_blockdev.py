@@ -101,3 +101,23 @@ async def test_blockdev_whole_device_default_capacity(loopdev: str) -> None:
         await b.write(k, d)
         out = torch.empty_like(d)
         assert await b.read_into(k, out) and torch.equal(out, d)
+
+
+def _device_flushes(dev: str) -> int:
+    """Flush requests the block device has completed (field 16 of /sys/block/<dev>/stat, Linux >= 5.5)."""
+    fields = open(f"/sys/block/{os.path.basename(os.path.realpath(dev))}/stat").read().split()
+    if len(fields) < 17:
+        pytest.skip("this kernel does not count flush requests")
+    return int(fields[15])
+
+
+async def test_flush_reaches_the_device(loopdev: str) -> None:
+    # A put is journalled but not flushed (that would cost a device flush per put); flush() is one
+    # fdatasync that the device sees as a flush request (what makes its write cache durable).
+    async with UringBackend(loopdev, 16 * MiB, format=True) as b:
+        await b.write(rand_key(), rand_bytes(8192))
+        before = _device_flushes(loopdev)
+        await b.write(rand_key(), rand_bytes(8192))
+        assert _device_flushes(loopdev) == before
+        await b.flush()
+        assert _device_flushes(loopdev) > before
