@@ -187,7 +187,7 @@ async def run(plan: Plan) -> dict[str, Any]:
                 prog.advance(per_prompt)
             await pool.flush()
             res["put_GBps"] = plan.total / (time.perf_counter() - t0) / 1e9
-            geo = tier._geo  # the data region's end bounds what fio reads
+            geo = tier.geometry  # the data region's end bounds what fio reads
             ref = None if plan.no_fio else _fio_best(plan.path, geo.d_off + tier.used_bytes if geo else plan.total)
             # page-aligned, THP-advised destinations the SSD can DMA straight into, faulted in before timing
             shape = layout.kv_shape(plan.prompt_chunks * layout.chunk_tokens)

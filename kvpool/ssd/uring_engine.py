@@ -3,7 +3,8 @@
 One ring per :class:`UringEngine`.  Completions reach asyncio through the
 ring's eventfd (``loop.add_reader``): no thread per I/O and no busy polling.
 
-Op tuples (see :mod:`kvpool._uring`)::
+Operations are :class:`kvpool.ssd.ops.Op` values (``Op.read_iov(...)``, ``Op.write_fixed(...)``,
+``Op.fsync()``); the raw tuples the native ring parses are accepted too::
 
     (OP_READ | OP_WRITE, 0, file_index, file_offset, ("fixed", buf_index, buf_offset, length))
     (OP_READ | OP_WRITE, 0, file_index, file_offset, ("iov", [(address, length), ...]))
@@ -20,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any, Final, Protocol, cast
 
 from ..storage.buffers import alloc_aligned, buffer_address
+from .ops import Op, RawOp
 from .settle import wait_uncancellable
 import kvpool._uring as _uring  # noqa: PLR0402  (mypy cannot see the compiled submodule otherwise)
 
@@ -38,8 +40,8 @@ OP_READ: Final[int] = int(_uring.OP_READ)
 OP_WRITE: Final[int] = int(_uring.OP_WRITE)
 OP_FSYNC: Final[int] = int(_uring.OP_FSYNC)
 
-#: (kind, user_data, file_index, file_offset, buffer-spec)
-Op = tuple[int, int, int, int, Any]
+#: what submit() takes: a typed op, or the raw tuple the ring parses
+AnyOp = Op | RawOp
 
 _U64_MASK: Final = (1 << 64) - 1
 _HUGE_2M: Final = 2 * 1024 * 1024
@@ -59,8 +61,8 @@ class _Ring(Protocol):
     def unregister_files(self) -> None: ...
     def register_buffers(self, bufs: list[object]) -> None: ...
     def unregister_buffers(self) -> None: ...
-    def check(self, ops: list[Op]) -> None: ...
-    def submit(self, ops: list[Op]) -> int: ...
+    def check(self, ops: list[RawOp]) -> None: ...
+    def submit(self, ops: list[RawOp]) -> int: ...
     def reap(self) -> list[tuple[int, int]]: ...
     def wait(self, min_complete: int = 1) -> None: ...
     def close(self) -> None: ...
@@ -140,7 +142,7 @@ class UringEngine:
 
     # -- I/O -----------------------------------------------------------------
 
-    async def submit(self, ops: Sequence[Op]) -> list[int]:
+    async def submit(self, ops: Sequence[AnyOp]) -> list[int]:
         """Submit ``ops`` and return per-op results (bytes or ``-errno``) in op order.
 
         The whole batch is validated before anything is queued (``TypeError`` /
@@ -152,7 +154,7 @@ class UringEngine:
         """
         self._check_open()
         loop = self._bind()
-        batch_ops = list(ops)
+        batch_ops = [op.encode() if isinstance(op, Op) else op for op in ops]
         n = len(batch_ops)
         if n == 0:
             return []
@@ -170,7 +172,7 @@ class UringEngine:
                         raise RuntimeError("UringEngine closed while submitting")
                     continue
                 woken = False
-                chunk: list[Op] = []
+                chunk: list[RawOp] = []
                 for j in range(i, min(n, i + room)):
                     op = batch_ops[j]
                     ud = self._alloc_user_data()
