@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import pytest
 
 from kvpool import _uring
+from kvpool.errors import PoolClosedError
 from kvpool.ssd.uring_engine import (
     OP_FSYNC,
     OP_READ,
@@ -578,9 +579,9 @@ def test_engine_aclose_with_in_flight(run: Any, direct_fd: int) -> None:
         assert engine.closed and engine.in_flight == 0
         assert task.done() and task.result() == [1 << 20] * 8
         await engine.aclose()
-        with pytest.raises(RuntimeError):
+        with pytest.raises(PoolClosedError):  # a KVPoolError, not a plain RuntimeError
             await engine.submit([fixed(OP_READ, 0, 0, 0, BS)])
-        with pytest.raises(RuntimeError):
+        with pytest.raises(PoolClosedError):
             engine.register_files([direct_fd])
 
     run(main)

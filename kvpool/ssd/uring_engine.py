@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 from collections.abc import Sequence
 from typing import Any, Final, Protocol, cast
 
 from ..storage.buffers import alloc_aligned, buffer_address
+from ..errors import BackendError, PoolClosedError
 from .ops import Op, RawOp
 from .settle import wait_uncancellable
 import kvpool._uring as _uring  # noqa: PLR0402  (mypy cannot see the compiled submodule otherwise)
@@ -169,7 +171,7 @@ class UringEngine:
                     await self._wait_room(kick=room > 0)
                     woken = True
                     if self._closing:
-                        raise RuntimeError("UringEngine closed while submitting")
+                        raise PoolClosedError("UringEngine closed while submitting")
                     continue
                 woken = False
                 chunk: list[RawOp] = []
@@ -190,7 +192,7 @@ class UringEngine:
                     del self._inflight[op[1]]
                 batch.outstanding += max(done, 0)
                 if done <= 0:  # the ring raises rather than accept nothing
-                    raise RuntimeError("io_uring accepted no operations")
+                    raise BackendError(errno.EIO, "io_uring accepted no operations")
                 i += done
                 if len(self._inflight) < self._entries:
                     self._wake_next()
@@ -237,7 +239,7 @@ class UringEngine:
 
     def _check_open(self) -> None:
         if self._closing:
-            raise RuntimeError("UringEngine is closed")
+            raise PoolClosedError("UringEngine is closed")
 
     def _bind(self) -> asyncio.AbstractEventLoop:
         loop = asyncio.get_running_loop()
