@@ -39,3 +39,22 @@ def test_readme_config_file_is_valid(tmp_path: Path) -> None:
     (tmp_path / "kvpool.toml").write_text(toml.group(1))
     s = load_settings(tmp_path / "kvpool.toml", environ={})
     assert s.model_id == "llama-3.1-8b" and s.layout.num_layers == 32 and s.config.write_policy == "write-back"
+
+
+def test_getting_started_runs_as_written(tmp_path: Path) -> None:
+    text = (ROOT / "docs" / "getting-started.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    (tmp_path / "kvpool.toml").write_text(re.findall(r"```toml\n(.*?)```", text, re.S)[0])
+    pool = "/var/tmp/my.pool"
+    if os.path.exists(pool):
+        pytest.skip(f"{pool} exists: not touching it")
+    try:
+        outs = []
+        for code in blocks[:2]:  # the Python pool, then the config file from threads
+            r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+            assert r.returncode == 0, r.stderr
+            outs.append(r.stdout)
+    finally:
+        if os.path.exists(pool):
+            os.unlink(pool)
+    assert outs[0].startswith("768\n768\n<KVPool 'my-model' open") and outs[1] == "4\n"
