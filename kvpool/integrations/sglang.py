@@ -284,11 +284,7 @@ class KVPoolHiCacheStorage(HiCacheStorage):
                         for v, off in d:
                             reqs.append(ReadRequest(keys[i], v, off))
                             owner.append(i)
-                try:
-                    res = list(await tier.read_many(reqs))
-                except Exception as exc:
-                    self._tier_error(tier, "read_many", exc)
-                    res = [False] * len(reqs)
+                res = await self._read_batch(tier, reqs)
                 good = dict.fromkeys(hit, True)
                 for i, r in zip(owner, res):
                     good[i] = good[i] and bool(r)
@@ -300,6 +296,35 @@ class KVPoolHiCacheStorage(HiCacheStorage):
         if self.promote_on_hit and len(tiers) > 1:
             await self._promote(keys, dests, found)
         return ok
+
+    async def _read_batch(self, tier: Backend, reqs: list[ReadRequest]) -> list[bool]:
+        """One tier's reads: one ``read_many``; on a queued (SSD, remote) tier a batch larger than the pool's
+        ``io_op_bytes`` is cut into sub-batches of that size, ``io_max_inflight_bytes`` of them in flight, so
+        the device queue stays bounded and the first sub-batches are verified while later ones are read."""
+        cfg = self.pool.config
+        groups: list[list[ReadRequest]] = [[]]
+        acc = 0
+        for r in reqs:
+            n = r.dest.numel() * r.dest.element_size()
+            if tier.capabilities.queued_io and groups[-1] and acc + n > cfg.io_op_bytes:
+                groups.append([])
+                acc = 0
+            groups[-1].append(r)
+            acc += n
+        sem = asyncio.Semaphore(max(1, cfg.io_max_inflight_bytes // max(1, cfg.io_op_bytes)))
+
+        async def run(group: list[ReadRequest]) -> list[bool]:
+            async with sem:
+                try:
+                    return list(await tier.read_many(group))
+                except Exception as exc:
+                    self._tier_error(tier, "read_many", exc)
+                    return [False] * len(group)
+
+        if len(groups) == 1:
+            return await run(groups[0])
+        parts = await asyncio.gather(*(run(g) for g in groups))
+        return [ok for part in parts for ok in part]
 
     async def _promote(self, keys: list[bytes], dests: list[_Dest], found: list[int]) -> None:
         """Copy pages found below the first tier into the tiers above (before the call returns: the host
