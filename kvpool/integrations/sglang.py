@@ -35,7 +35,9 @@ never an exception into SGLang.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
+import re
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -76,6 +78,20 @@ def page_key_binding(config: HiCacheStorageConfig) -> str:
     if config.dcp_size > 1:
         parts.append(f"dcp={config.dcp_rank}/{config.dcp_size}/tp{config.tp_size}/page{config.logical_page_size}")
     return "|".join(parts)
+
+
+_RANK_FIELDS = ("tp_rank", "tp_size", "pp_rank", "pp_size", "dp_rank", "attn_cp_rank", "dcp_rank")
+_PLACEHOLDER = re.compile(r"\{(" + "|".join(_RANK_FIELDS) + r")\}")
+
+
+def _per_rank(specs: Any, config: HiCacheStorageConfig) -> Any:
+    """``{tp_rank}``, ``{pp_rank}``, ``{dp_rank}``... in spec strings become this rank's numbers: every rank
+    process of a node opens its own pool, and a local file or device belongs to one pool at a time."""
+    if isinstance(specs, str):
+        return _PLACEHOLDER.sub(lambda m: str(getattr(config, m.group(1))), specs)
+    if isinstance(specs, (list, tuple)):
+        return [_per_rank(s, config) for s in specs]
+    return specs  # a Backend object
 
 
 def _page_layout_binding(host: Any) -> str:
@@ -132,12 +148,13 @@ class _HostBuffers:
                 inner = n // outer
                 s_in = ptrs[1] - ptrs[0] if inner > 1 else s
                 s_out = ptrs[inner] - ptrs[0] if outer > 1 else 0
-                if s_in < 0 or s_out < 0:
+                if s_in < s or s_out < 0 or (outer > 1 and s_out < s):  # regions never overlap
                     continue
                 if all(ptrs[a * inner + b] == ptrs[0] + a * s_out + b * s_in
                        for a in range(outer) for b in range(inner)):
                     try:
-                        self._span(ptrs[-1], s)
+                        if self._span(max(ptrs), s)[0] != base:
+                            break
                         shape = (outer, inner, s) if outer > 1 else (inner, s)
                         stride = (s_out, s_in, 1) if outer > 1 else (s_in, 1)
                         return torch.as_strided(u8, shape, stride, ptrs[0] - base)
@@ -180,6 +197,7 @@ class KVPoolHiCacheStorage(HiCacheStorage):
         backends = extra.get("backends") or list(_DEFAULT_BACKENDS)
         if isinstance(backends, str):
             backends = [backends]
+        backends = _per_rank(backends, storage_config)
         pool_config = dict(extra.get("pool_config") or {})
         pool_config.setdefault("result_cache_bytes", 0)  # pages go straight into SGLang's host pool
         self.namespace = str(extra.get("namespace", ""))
@@ -189,6 +207,8 @@ class KVPoolHiCacheStorage(HiCacheStorage):
         layout = kvpool.KVLayout(num_layers=1, num_kv_heads=1, head_dim=1, dtype=torch.uint8, chunk_tokens=1)
         self._sync = kvpool.SyncPool.open(layout=layout, model_id=self.model_id, backends=list(backends),
                                           namespace=self.namespace, config=pool_config)
+        # SGLang does not always close its storage backend: close (and so checkpoint) the pool at exit
+        atexit.register(self._close_at_exit)
         self.promote_on_hit = bool(extra.get("promote_on_hit", self._sync.pool.config.promote_on_hit))
         self.mem_pool_host: Any = None
         self._buffers: _HostBuffers | None = None
@@ -524,4 +544,11 @@ class KVPoolHiCacheStorage(HiCacheStorage):
 
     def close(self) -> None:
         """Close the pool and its loop thread. Idempotent."""
+        atexit.unregister(self._close_at_exit)
         self._sync.close()
+
+    def _close_at_exit(self) -> None:
+        try:
+            self._sync.close()
+        except Exception as exc:  # pragma: no cover - best effort at interpreter exit
+            log.warning("kvpool HiCache storage: close at exit failed: %s", exc)

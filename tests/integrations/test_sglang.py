@@ -256,6 +256,34 @@ def test_built_by_sglangs_factory_as_a_hicache_storage() -> None:
         st.close()
 
 
+def test_rank_placeholders_give_each_rank_process_its_own_files(tmp_path: Path) -> None:
+    host = make_host("mha", "page_first")
+    st = build(host, [f"uring://{tmp_path}/kv-tp{{tp_rank}}-pp{{pp_rank}}.pool?capacity=16MiB"],
+               tp_rank=1, tp_size=2, pp_rank=0, pp_size=1)
+    try:
+        assert (tmp_path / "kv-tp1-pp0.pool").exists()
+    finally:
+        st.close()
+
+
+def test_large_batches_on_a_queued_tier_are_cut_into_bounded_sub_batches(tmp_path: Path) -> None:
+    host = make_host("mha", "page_first")  # 32 KiB pages
+    tier = CountingBackend(kvpool.get_backend_class("uring")(str(tmp_path / "kv.pool"), 16 << 20))
+    st = build(host, [tier], pool_config={"io_op_bytes": 64 << 10, "io_max_inflight_bytes": 128 << 10})
+    try:
+        fill(host, range(8), seed=12)
+        keys = keys_of(8, "s")
+        assert st.batch_set_v1(keys, host_indices(range(8))) == [True] * 8
+        want = [page_bytes(host, p) for p in range(8)]
+        tier.calls.clear()
+        assert st.batch_get_v1(keys, host_indices(range(8, 16))) == [True] * 8
+        assert tier.calls == {"contains_many": 1, "read_many": 4}  # 8 pages of 32 KiB in 64 KiB sub-batches
+        for p in range(8):
+            assert torch.equal(page_bytes(host, 8 + p), want[p])
+    finally:
+        st.close()
+
+
 def test_backends_default_and_bad_config_fails_at_construction() -> None:
     with pytest.raises(kvpool.ConfigError):
         build(make_host("mha", "page_first"), ["nosuch://x"])
