@@ -54,10 +54,10 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))  # measure the checkout this file lives in
-from _util import save  # noqa: E402
+from _util import save
 
-import kvpool  # noqa: E402
-from kvpool.buffers import aligned_empty  # noqa: E402
+import kvpool
+from kvpool.buffers import aligned_empty
 
 L, H, D, DT, PAGE = 32, 8, 128, torch.bfloat16, 64
 STORAGE_BATCH_SIZE = 128  # sglang.srt.mem_cache.hicache_storage.STORAGE_BATCH_SIZE
@@ -77,7 +77,7 @@ def _methods(names: tuple[str, ...]) -> dict[str, Any]:
     for fn in cls.body:
         if isinstance(fn, ast.FunctionDef) and fn.name in names:
             ns: dict[str, Any] = {"torch": torch, "ALLOC_MEMORY_FUNCS": {"cpu": _alloc}}
-            exec(compile(ast.Module(body=[fn], type_ignores=[]), str(path), "exec"), ns)
+            exec(compile(ast.Module(body=[fn], type_ignores=[]), str(path), "exec"), ns)  # noqa: S102 - SGLang source
             out[fn.name] = ns[fn.name]
     return out
 
@@ -191,7 +191,7 @@ def main() -> None:
     tmp = None
     base = args.dir or (tmp := tempfile.mkdtemp(prefix="kvpool-bench-sglang-", dir="/tmp"))
     os.makedirs(base, exist_ok=True)
-    fstype = subprocess.run(["findmnt", "-n", "-o", "FSTYPE", "-T", base], capture_output=True, text=True).stdout.strip()
+    fstype = subprocess.run(["findmnt", "-n", "-o", "FSTYPE", "-T", base], capture_output=True, text=True, check=False).stdout.strip()
     if fstype == "tmpfs":
         raise SystemExit(f"{base} is on tmpfs: O_DIRECT does not work there; pass --dir on a real disk")
     if not drop_caches():

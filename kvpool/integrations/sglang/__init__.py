@@ -37,18 +37,17 @@ from __future__ import annotations
 import asyncio
 import atexit
 import logging
-import re
 import threading
-from collections.abc import Sequence
 from typing import Any
 
 import blake3
 import torch
+from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig
 
 import kvpool
 from kvpool import Backend, ReadRequest
 
-from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig
+from ._pages import Dest, HostBuffers, packed, page_key_binding, page_layout_binding, per_rank
 
 __all__ = ["KVPoolHiCacheStorage", "page_key_binding"]
 
@@ -58,120 +57,6 @@ log = logging.getLogger("kvpool.sglang")
 _SGLANG_KEYS = frozenset({"backend_name", "module_path", "class_name", "interface_v1", "tp_lcm_size"})
 _OWN_KEYS = frozenset({"backends", "namespace", "model_id", "pool_config", "promote_on_hit"})
 _DEFAULT_BACKENDS = ("dram://?capacity=4GiB",)
-# host-pool tensors a region pointer may lie in (MHA: kv_buffer; MLA split layouts: the component buffers)
-_BUFFER_ATTRS = ("kv_buffer", "k_buffer", "v_buffer", "index_k_buffer", "index_k_scale_buffer")
-
-# a page's object: either one view (regular regions) or (view, byte offset in the object) parts
-_Dest = torch.Tensor | list[tuple[torch.Tensor, int]]
-
-
-def page_key_binding(config: HiCacheStorageConfig) -> str:
-    """The part of every key that says whose page it is: what changes a page's bytes across ranks."""
-    parts = [f"mla={int(bool(config.is_mla_model))}"]
-    if not config.is_mla_model:  # MHA heads are sharded over TP; MLA's latent KV is the same on every TP rank
-        parts.append(f"tp={config.tp_rank}/{config.tp_size}")
-        if config.should_split_heads:
-            parts.append(f"split={config.tp_lcm_size}")
-    parts.append(f"pp={config.pp_rank}/{config.pp_size}")
-    if config.attn_cp_size > 1:
-        parts.append(f"cp={config.attn_cp_rank}/{config.attn_cp_size}")
-    if config.dcp_size > 1:
-        parts.append(f"dcp={config.dcp_rank}/{config.dcp_size}/tp{config.tp_size}/page{config.logical_page_size}")
-    return "|".join(parts)
-
-
-_RANK_FIELDS = ("tp_rank", "tp_size", "pp_rank", "pp_size", "dp_rank", "attn_cp_rank", "dcp_rank")
-_PLACEHOLDER = re.compile(r"\{(" + "|".join(_RANK_FIELDS) + r")\}")
-
-
-def _per_rank(specs: Any, config: HiCacheStorageConfig) -> Any:
-    """``{tp_rank}``, ``{pp_rank}``, ``{dp_rank}``... in spec strings become this rank's numbers: every rank
-    process of a node opens its own pool, and a local file or device belongs to one pool at a time."""
-    if isinstance(specs, str):
-        return _PLACEHOLDER.sub(lambda m: str(getattr(config, m.group(1))), specs)
-    if isinstance(specs, (list, tuple)):
-        return [_per_rank(s, config) for s in specs]
-    return specs  # a Backend object
-
-
-def _page_layout_binding(host: Any) -> str:
-    """Layout name, page size, dtype and the region sizes of one page of a host pool."""
-    page = int(getattr(host, "page_size", 1))
-    _ptrs, sizes = host.get_page_buffer_meta(torch.arange(page, dtype=torch.int64))
-    geo = [str(getattr(host, "layout", "?")), f"page={page}", str(getattr(host, "dtype", "?")),
-           f"layers={getattr(host, 'layer_num', '?')}", "regions=" + ",".join(str(int(s)) for s in sizes)]
-    return "|".join(geo)
-
-
-class _HostBuffers:
-    """Maps raw pointers from ``get_page_buffer_meta`` back to tensor views of the host pool's memory."""
-
-    def __init__(self, host: Any) -> None:
-        spans: dict[int, tuple[int, int, torch.Tensor]] = {}
-        for name in _BUFFER_ATTRS:
-            t = getattr(host, name, None)
-            if not isinstance(t, torch.Tensor) or t.device.type != "cpu" or t.numel() == 0:
-                continue
-            st = t.untyped_storage()
-            base = st.data_ptr()
-            if base not in spans:
-                u8 = torch.empty(0, dtype=torch.uint8).set_(st)  # the whole storage, as bytes
-                spans[base] = (base, base + st.nbytes(), u8)
-        if not spans:
-            raise ValueError(
-                f"{type(host).__name__} exposes no CPU buffer ({', '.join(_BUFFER_ATTRS)}) to read pages into"
-            )
-        self._spans = sorted(spans.values(), key=lambda s: s[0])
-
-    def _span(self, ptr: int, size: int) -> tuple[int, torch.Tensor]:
-        for base, end, u8 in self._spans:
-            if base <= ptr and ptr + size <= end:
-                return base, u8
-        raise ValueError(f"region [{ptr:#x}, +{size}) lies outside the registered host pool buffers")
-
-    def view(self, ptr: int, size: int) -> torch.Tensor:
-        base, u8 = self._span(ptr, size)
-        return u8[ptr - base : ptr - base + size]
-
-    def page(self, ptrs: Sequence[int], sizes: Sequence[int]) -> _Dest:
-        """One page's object over its regions (already in object order): a single strided view when the
-        regions form a regular grid (every layout SGLang's MHA/MLA host pools produce), else parts."""
-        n = len(ptrs)
-        s = int(sizes[0])
-        if n == 1:
-            return self.view(ptrs[0], s)
-        if all(int(x) == s for x in sizes):
-            base, u8 = self._span(min(ptrs), 0)
-            for outer in (1, 2):  # [n] with one stride, or [2, n/2] (K regions, V regions)
-                if n % outer:
-                    continue
-                inner = n // outer
-                s_in = ptrs[1] - ptrs[0] if inner > 1 else s
-                s_out = ptrs[inner] - ptrs[0] if outer > 1 else 0
-                if s_in < s or s_out < 0 or (outer > 1 and s_out < s):  # regions never overlap
-                    continue
-                if all(ptrs[a * inner + b] == ptrs[0] + a * s_out + b * s_in
-                       for a in range(outer) for b in range(inner)):
-                    try:
-                        if self._span(max(ptrs), s)[0] != base:
-                            break
-                        shape = (outer, inner, s) if outer > 1 else (inner, s)
-                        stride = (s_out, s_in, 1) if outer > 1 else (s_in, 1)
-                        return torch.as_strided(u8, shape, stride, ptrs[0] - base)
-                    except ValueError:
-                        break
-        parts, off = [], 0
-        for p, z in zip(ptrs, sizes):
-            parts.append((self.view(p, int(z)), off))
-            off += int(z)
-        return parts
-
-
-def _packed(dest: _Dest) -> torch.Tensor:
-    """The object bytes of a page given as parts (an irregular layout): one contiguous copy."""
-    if isinstance(dest, torch.Tensor):
-        return dest
-    return torch.cat([v for v, _ in dest])
 
 
 class KVPoolHiCacheStorage(HiCacheStorage):
@@ -197,7 +82,7 @@ class KVPoolHiCacheStorage(HiCacheStorage):
         backends = extra.get("backends") or list(_DEFAULT_BACKENDS)
         if isinstance(backends, str):
             backends = [backends]
-        backends = _per_rank(backends, storage_config)
+        backends = per_rank(backends, storage_config)
         pool_config = dict(extra.get("pool_config") or {})
         pool_config.setdefault("result_cache_bytes", 0)  # pages go straight into SGLang's host pool
         self.namespace = str(extra.get("namespace", ""))
@@ -211,7 +96,7 @@ class KVPoolHiCacheStorage(HiCacheStorage):
         atexit.register(self._close_at_exit)
         self.promote_on_hit = bool(extra.get("promote_on_hit", self._sync.pool.config.promote_on_hit))
         self.mem_pool_host: Any = None
-        self._buffers: _HostBuffers | None = None
+        self._buffers: HostBuffers | None = None
         self._mha = False
         self._lock = threading.Lock()
         self._set_seed("unregistered")
@@ -238,13 +123,13 @@ class KVPoolHiCacheStorage(HiCacheStorage):
     # --- host pool ---------------------------------------------------------------------------------------
     def register_mem_pool_host(self, mem_pool_host: Any) -> None:
         super().register_mem_pool_host(mem_pool_host)
-        self._buffers = _HostBuffers(mem_pool_host)
+        self._buffers = HostBuffers(mem_pool_host)
         # MHA regions come as (K, V) pairs; the object holds every K region, then every V region
         name = type(mem_pool_host).__name__
         self._mha = "MHA" in name or ("MLA" not in name and hasattr(mem_pool_host, "head_num"))
-        self._set_seed(_page_layout_binding(mem_pool_host))
+        self._set_seed(page_layout_binding(mem_pool_host))
 
-    def _page_dests(self, n: int, host_indices: torch.Tensor) -> list[_Dest]:
+    def _page_dests(self, n: int, host_indices: torch.Tensor) -> list[Dest]:
         if self._buffers is None:
             raise RuntimeError("register_mem_pool_host was not called")
         ptrs, sizes = self.mem_pool_host.get_page_buffer_meta(host_indices)
@@ -277,11 +162,11 @@ class KVPoolHiCacheStorage(HiCacheStorage):
     async def _contains(self, tier: Backend, keys: list[bytes]) -> list[bool]:
         try:
             return list(await tier.contains_many(keys))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a tier failure is a miss, never an exception into SGLang
             self._tier_error(tier, "contains_many", exc)
             return [False] * len(keys)
 
-    async def _read(self, keys: list[bytes], dests: list[_Dest]) -> list[bool]:
+    async def _read(self, keys: list[bytes], dests: list[Dest]) -> list[bool]:
         n = len(keys)
         ok = [False] * n
         found = [-1] * n
@@ -337,7 +222,7 @@ class KVPoolHiCacheStorage(HiCacheStorage):
             async with sem:
                 try:
                     return list(await tier.read_many(group))
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - a tier failure is a miss, never an exception into SGLang
                     self._tier_error(tier, "read_many", exc)
                     return [False] * len(group)
 
@@ -346,17 +231,17 @@ class KVPoolHiCacheStorage(HiCacheStorage):
         parts = await asyncio.gather(*(run(g) for g in groups))
         return [ok for part in parts for ok in part]
 
-    async def _promote(self, keys: list[bytes], dests: list[_Dest], found: list[int]) -> None:
+    async def _promote(self, keys: list[bytes], dests: list[Dest], found: list[int]) -> None:
         """Copy pages found below the first tier into the tiers above (before the call returns: the host
         pool's memory is SGLang's again afterwards). Best effort: a full or failing tier is skipped."""
         for upper in range(max(found, default=0)):
-            items = [(keys[i], _packed(dests[i])) for i in range(len(keys)) if found[i] > upper]
+            items = [(keys[i], packed(dests[i])) for i in range(len(keys)) if found[i] > upper]
             if not items:
                 continue
             try:
                 await self.pool.tiers[upper].write_many(items)
                 self.counters["promotions"] += len(items)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - a tier failure is a miss, never an exception into SGLang
                 self._tier_error(self.pool.tiers[upper], "promotion write_many", exc)
 
     async def _write(self, keys: list[bytes], srcs: list[torch.Tensor]) -> list[bool]:
@@ -372,7 +257,7 @@ class KVPoolHiCacheStorage(HiCacheStorage):
                 await tier.write_many([(keys[i], srcs[i]) for i in todo])
                 self.counters["pages_written"] += len(todo)
                 return [True] * n
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - a tier failure is a miss, never an exception into SGLang
                 self._tier_error(tier, "write_many", exc)
                 return await self._contains(tier, keys)  # what did land
 
@@ -395,7 +280,7 @@ class KVPoolHiCacheStorage(HiCacheStorage):
         for tier in self.pool.tiers:
             try:
                 size = await tier.object_size(key)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - a tier failure is a miss, never an exception into SGLang
                 self._tier_error(tier, "object_size", exc)
                 continue
             if size is not None:
@@ -419,7 +304,7 @@ class KVPoolHiCacheStorage(HiCacheStorage):
         try:
             dests = self._page_dests(len(keys), host_indices)
             ok = self._run(self._read([self.page_key(k) for k in keys], dests))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a tier failure is a miss, never an exception into SGLang
             self._failed("batch_get_v1", exc)
             return [False] * len(keys)
         self._count_reads(ok)
@@ -429,9 +314,9 @@ class KVPoolHiCacheStorage(HiCacheStorage):
         if not keys:
             return []
         try:
-            srcs = [_packed(d) for d in self._page_dests(len(keys), host_indices)]
+            srcs = [packed(d) for d in self._page_dests(len(keys), host_indices)]
             ok = self._run(self._write([self.page_key(k) for k in keys], srcs))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a tier failure is a miss, never an exception into SGLang
             self._failed("batch_set_v1", exc)
             return [False] * len(keys)
         with self._lock:
@@ -443,7 +328,7 @@ class KVPoolHiCacheStorage(HiCacheStorage):
             return 0
         try:
             present = self._run(self._exists([self.page_key(k) for k in keys]))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a tier failure is a miss, never an exception into SGLang
             self._failed("batch_exists", exc)
             return 0
         return present.index(False) if False in present else len(present)
@@ -484,7 +369,7 @@ class KVPoolHiCacheStorage(HiCacheStorage):
                 return out
 
             out = self._run(run())
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a tier failure is a miss, never an exception into SGLang
             self._failed("batch_get", exc)
             return [None] * len(keys)
         self._count_reads([o is not None for o in out])
@@ -509,7 +394,7 @@ class KVPoolHiCacheStorage(HiCacheStorage):
             if len(srcs) != len(keys) or any(not isinstance(s, torch.Tensor) for s in srcs):
                 raise ValueError("batch_set needs one tensor (or host-pool pointer and size) per key")
             ok = self._run(self._write([self.page_key(k) for k in keys], srcs))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a tier failure is a miss, never an exception into SGLang
             self._failed("batch_set", exc)
             return False
         return all(ok)
@@ -523,14 +408,14 @@ class KVPoolHiCacheStorage(HiCacheStorage):
 
         async def run() -> None:
             for tier in self.pool.tiers:
-                keys = [k async for k in tier.keys()]
+                keys = [k async for k in tier.keys()]  # noqa: SIM118 - an async iterator
                 for k in keys:
                     await tier.delete(k)
 
         try:
             self._run(run())
             return True
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a tier failure is a miss, never an exception into SGLang
             self._failed("clear", exc)
             return False
 
@@ -550,5 +435,5 @@ class KVPoolHiCacheStorage(HiCacheStorage):
     def _close_at_exit(self) -> None:
         try:
             self._sync.close()
-        except Exception as exc:  # pragma: no cover - best effort at interpreter exit
+        except Exception as exc:  # noqa: BLE001  # pragma: no cover - best effort at interpreter exit
             log.warning("kvpool HiCache storage: close at exit failed: %s", exc)
