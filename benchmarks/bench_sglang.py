@@ -179,6 +179,7 @@ def main() -> None:
     ap.add_argument("--layouts", default="page_first,layer_first")
     ap.add_argument("--no-hicache-file", action="store_true")
     ap.add_argument("--cases", default="", help="regex: run only the matching cases (and pool_get_into)")
+    ap.add_argument("--pool-config", default="{}", help="JSON kvpool.PoolConfig options for the SGLang backend")
     ap.add_argument("--name", default="sglang")
     args = ap.parse_args()
 
@@ -202,7 +203,7 @@ def main() -> None:
         "layout": {"num_layers": L, "num_kv_heads": H, "head_dim": D, "dtype": str(DT), "page_tokens": PAGE,
                    "page_bytes": page_bytes},
         "pages": n, "restored_bytes": total, "dir": base, "fstype": fstype, "threads": args.threads,
-        "repeat": args.repeat, "sglang": __import__("sglang").__version__, "kvpool": kvpool.__version__,
+        "repeat": args.repeat, "pool_config": json.loads(args.pool_config), "sglang": __import__("sglang").__version__, "kvpool": kvpool.__version__,
     }
     try:
         # --- kvpool HiCache storage, one SSD tier per layout
@@ -213,7 +214,8 @@ def main() -> None:
             fill_pattern(host.kv_buffer, seed=1 + len(hosts))
             extra = {"backend_name": "kvpool", "module_path": "kvpool.integrations.sglang",
                      "class_name": "KVPoolHiCacheStorage", "interface_v1": 1,
-                     "backends": [f"uring://{base}/sglang-{layout}.pool?capacity={cap}"]}
+                     "backends": [f"uring://{base}/sglang-{layout}.pool?capacity={cap}"],
+                     "pool_config": json.loads(args.pool_config)}
             st = StorageBackendFactory.create_backend("dynamic", storage_config(extra), host)
             st.register_mem_pool_host(host)
             t0 = time.perf_counter()
