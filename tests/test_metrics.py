@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pytest
 import torch
 from prometheus_client import CollectorRegistry, generate_latest
 
@@ -50,3 +51,21 @@ async def test_latency_histograms_and_hit_ratios_are_exposed() -> None:
         assert 'kvpool_hit_ratio{pool="p2"} 0.75' in text
         assert 'kvpool_tier_hit_ratio{pool="p2",scheme="dram",tier="0"}' in text
         assert "kvpool_tier_io_queue_wait_seconds_total" in text
+
+
+async def test_open_and_delete_are_logged(caplog: pytest.LogCaptureFixture) -> None:
+    """INFO at open (tiers, capacities, objects, time) and for every delete that removed something; a
+    useful repr."""
+    layout = KVLayout(num_layers=2, num_kv_heads=2, head_dim=16, dtype=torch.float16, chunk_tokens=16)
+    with caplog.at_level("INFO", logger="kvpool"):
+        async with KVPool.open(layout=layout, model_id="m", backends=["dram://?capacity=1MiB"]) as pool:
+            t = list(range(32))
+            await pool.put(t, torch.randn(layout.kv_shape(32)).half())
+            assert await pool.delete(t) == 32
+            assert await pool.delete(t) == 0
+            assert repr(pool).startswith("<KVPool 'm' open: 2 layers x 2 kv heads x 16 float16, 16 tokens/chunk; "
+                                         "tiers dram 1.0 MiB")
+    opened = [r.getMessage() for r in caplog.records if "opened" in r.getMessage()]
+    assert opened and "kvpool opened for m in" in opened[0] and "dram 1.0 MiB (0 objects)" in opened[0]
+    deleted = [r.getMessage() for r in caplog.records if "deleted" in r.getMessage()]
+    assert deleted == ["kvpool m: deleted 2 chunk(s) (8.0 KiB) from every tier"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import statistics
 import sys
 from typing import Any
@@ -14,6 +15,8 @@ from .checks import UsageError
 from .reader import BadObject, PoolReader
 
 __all__ = ["describe", "fsck", "print_description", "print_fsck"]
+
+log = logging.getLogger("kvpool")
 
 
 def _open(path: str) -> PoolReader:
@@ -99,6 +102,8 @@ async def repair(path: str, bad: list[BadObject]) -> int:
             n = 0
             for o in bad:
                 if await b.delete(o.key):
+                    log.info("fsck --repair %s: deleted object %s at byte %d (%s)", path, o.key.hex(), o.offset,
+                             o.problem)
                     n += 1
             await b.flush()
             return n

@@ -23,7 +23,7 @@ from ..units import format_size
 if TYPE_CHECKING:
     from .facade import KVPool
 
-__all__ = ["LatencyHistogram", "Observer", "log_open", "observer", "timed", "timed_stream"]
+__all__ = ["LatencyHistogram", "Observer", "log_delete", "log_open", "observer", "timed", "timed_stream"]
 
 log = logging.getLogger("kvpool")
 
@@ -149,3 +149,10 @@ def log_open(pool: KVPool, seconds: float) -> None:
     """INFO: the pool opened -- model, tiers with capacities and the objects each holds (recovered, for a
     persistent tier), and how long opening took."""
     log.info("kvpool opened for %s in %.3f s: %s", pool.model_id, seconds, describe_tiers(pool))
+
+
+def log_delete(pool: KVPool, chunks: int) -> None:
+    """INFO: a delete removed chunks (a destructive action is always visible in the log; a no-op is not)."""
+    if chunks:
+        log.info("kvpool %s: deleted %d chunk(s) (%s) from every tier", pool.model_id, chunks,
+                 format_size(chunks * pool.layout.chunk_nbytes))
