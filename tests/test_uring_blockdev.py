@@ -67,7 +67,15 @@ class TestUringBlockDeviceConformance(UringRawHooks, BackendTests):
         if first:
             tmp_path.mkdir(parents=True, exist_ok=True)
             marker.touch()
+            wipe_superblock(self.dev)  # format=True keeps a valid pool of the same size: empty it first
         return UringBackend(self.dev, capacity + 256 * 1024, format=first)
+
+
+def wipe_superblock(dev: str) -> None:
+    """Overwrite a device's first 4 KiB with zeros: what is left is "not a kvpool pool" (format=True formats it)."""
+    with open(dev, "r+b", buffering=0) as f:
+        f.write(b"\0" * 4096)
+        os.fsync(f.fileno())
 
 
 async def test_blockdev_pool_roundtrip_and_reopen(loopdev: str) -> None:
@@ -95,6 +103,7 @@ async def test_blockdev_capacity_larger_than_device(loopdev: str) -> None:
 
 
 async def test_blockdev_whole_device_default_capacity(loopdev: str) -> None:
+    wipe_superblock(loopdev)  # the previous test's pool would be recovered at its own size
     async with UringBackend(loopdev, format=True) as b:
         assert b.capacity is not None and 60 * MiB < b.capacity < 64 * MiB
         k, d = rand_key(), rand_bytes(3 * MiB)

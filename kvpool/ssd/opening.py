@@ -110,11 +110,9 @@ class OpenLayer(JournalLayer):
         """Recover the pool at the path, or format it if it is new (or the user asked): see the module doc."""
         path, ro = self.path, self._readonly
         fresh = not exists or (not self.is_block_device and size == 0)  # nothing there that could be lost
-        if fresh or self._format_ok:
+        if fresh:
             if ro:
                 raise NotAPoolError(errno_mod.ENODATA, f"{path} is empty: not a kvpool pool", path)
-            if not fresh:
-                log.warning("%s: formatting it (format=1), whatever it held", path)
             await self._format(self._total_for(self._req_capacity, size), created=not exists)
             return
         head = await self._read_head(min(fmt.SNIFF_BYTES, size))
@@ -123,6 +121,10 @@ class OpenLayer(JournalLayer):
             geo = fmt.Geometry.unpack_superblock(head)
             assert geo is not None
             want = None if self._req_capacity is None else self._total_for(self._req_capacity, size)
+            if want is not None and want != geo.total and self._format_ok and not ro:
+                log.warning("%s: reformatting a pool of %d bytes to %d (format=1)", path, geo.total, want)
+                await self._format(want, created=False)
+                return
             if want is not None and want != geo.total:
                 raise ConfigError(
                     f"uring://{path} holds a kvpool pool of {geo.total} bytes; opening it with capacity={want} "
@@ -136,6 +138,10 @@ class OpenLayer(JournalLayer):
                 await asyncio.to_thread(self._preallocate, geo.total, created=False)
             self._geo = geo
             await self._recover()
+            return
+        if self._format_ok and not ro:
+            log.warning("%s: formatting it (format=1); it held %s", path, what)
+            await self._format(self._total_for(self._req_capacity, size), created=False)
             return
         if kind == "damaged-pool":
             raise PoolDamagedError(errno_mod.EUCLEAN, f"{path}: {what}. Nothing was changed; `kvpool fsck {path}` "

@@ -20,8 +20,10 @@ What opening does with what is at PATH (kvpool never formats what it cannot reco
 - anything else -- a filesystem, a partition table, zeros, unknown bytes, a pool of an older format -- is
   refused with :class:`~kvpool.ssd.errors.NotAPoolError` naming the path and what its first bytes look like;
   a kvpool superblock that does not check out with :class:`~kvpool.ssd.errors.PoolDamagedError`;
-- ``?format=1`` (``UringBackend(..., format=True)``) formats PATH at every open, whatever it holds
-  (destroying it): for a new pool on a used device, or to change a pool's ``capacity``.
+- ``?format=1`` (``UringBackend(..., format=True)``) formats PATH when it does not hold a kvpool pool of
+  this version -- whatever it holds, destroying it -- and reformats a pool opened with another ``capacity``.
+  A valid pool of the requested capacity is still recovered, so the option may stay in a configuration:
+  restarts keep the cache. (To empty a pool, delete its keys, or overwrite its first 4 KiB before opening.)
 
 :meth:`UringBackend.open_readonly` (used by ``kvpool inspect``/``fsck``) never writes, locks or formats, and
 works on a pool another process holds open. A block device of size 0 (a detached loop device) is reported as
@@ -77,8 +79,9 @@ class UringBackend(PolicyHints, ReadLayer):
     direct
         Read straight into caller memory when it is aligned (default); ``False`` forces bounce buffers.
     format
-        Format whatever is at ``path`` (``?format=1``), destroying it, on this open. Without it, only a missing
-        or empty file is formatted; anything else that is not a kvpool pool is refused (:class:`NotAPoolError`).
+        ``?format=1``: format ``path`` if it does not hold a kvpool pool (destroying what it holds) or holds one
+        of another ``capacity``; a valid pool is recovered. Without it, only a missing or empty file is
+        formatted; anything else that is not a kvpool pool is refused (:class:`NotAPoolError`).
     readonly
         Open without writing, locking or formatting (see :meth:`open_readonly`).
     """

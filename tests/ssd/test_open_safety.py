@@ -57,7 +57,7 @@ async def test_unknown_data_refused_then_formatted_on_request(tmp_path: Path) ->
     async with UringBackend(p, 16 * MiB, format=True) as b:
         k, d = rand_key(), rand_bytes(MiB)
         await b.write(k, d)
-    async with UringBackend(p) as b:  # a pool now: recovered, no capacity needed
+    async with UringBackend(p, format=True) as b:  # a pool now: format=1 recovers it (restarts keep the cache)
         out = torch.empty_like(d)
         assert await b.read_into(k, out) and torch.equal(out, d)
 
@@ -144,14 +144,15 @@ async def test_readonly_open_of_a_pool_held_open(tmp_path: Path) -> None:
 
 
 def test_crash_right_after_a_reformat_cannot_resurrect_the_old_pool(tmp_path: Path) -> None:
-    """Reformat a pool that holds objects, put a few, SIGKILL with the pool open: after reopen the old
-    format's objects are gone and the new puts are there, whichever checkpoint slot the old pool used."""
+    """Reformat a pool that holds objects (a capacity change with format=1), put a few, SIGKILL with the pool
+    open: after reopen the old format's objects are gone and the new puts are there, whichever checkpoint slot
+    the old pool used."""
     for trial in range(4):
         p = tmp_path / f"pool{trial}.kv"
 
         async def old_pool() -> list[bytes]:
             keys = [rand_key() for _ in range(3)]
-            async with UringBackend(p, 16 * MiB) as b:
+            async with UringBackend(p, 32 * MiB) as b:  # the child reformats it to 16 MiB (format=1)
                 for j in range(trial + 1):  # a different number of checkpoints: both slots get used
                     for k in keys:
                         await b.write(k, rand_bytes(64 * 1024))
