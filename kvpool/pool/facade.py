@@ -7,7 +7,6 @@ between the caller's tensors and the tiers with zero packing copies: a chunk of 
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
@@ -18,7 +17,7 @@ import torch
 from ..config import PoolConfig
 from ..cuda.host import register_host_memory
 from ..cuda.paged_kv import PagedKV
-from ..errors import ConfigError, KVPoolError, LayoutError, PoolClosedError, RestoreError
+from ..errors import ConfigError, LayoutError, PoolClosedError
 from ..keys import PrefixHasher, as_token_array
 from ..layout import KVLayout
 from ..storage.backend import Backend
@@ -30,10 +29,11 @@ from .background import Background
 from .calls import CallGate, in_flight
 from .inputs import check_config, check_device
 from .paged import put_paged, restore_paged
-from .scheduler import Priority, io_class
+from .attention import per_chunk_mass
+from .streaming import stream_layers
 from .tiers import TierSet
 from ..types import PoolStats, Tokens
-from .observe import describe_tiers, log_open, timed, timed_stream
+from .observe import describe_tiers, log_delete, log_open, timed, timed_stream
 from .opening import Opening
 
 __all__ = ["KVPool"]
@@ -353,19 +353,7 @@ class KVPool:
         keys = self._hasher.keys(tokens)
         if not keys:
             return
-        mass = torch.as_tensor(scores, dtype=torch.float64).flatten()
-        n, ct = len(keys), self.layout.chunk_tokens
-        if mass.numel() == n:
-            per_chunk = mass
-        elif mass.numel() >= n * ct:
-            per_chunk = mass[: n * ct].view(n, ct).sum(dim=1)
-        else:
-            raise ValueError(
-                f"scores must have one value per chunk ({n}) or per token (>= {n * ct}), got {mass.numel()}"
-            )
-        if not torch.isfinite(per_chunk).all() or (per_chunk < 0).any():
-            raise ValueError("attention scores must be finite and non-negative")
-        values = per_chunk.tolist()
+        values = per_chunk_mass(scores, len(keys), self.layout.chunk_tokens)
         for tier in self._hinted:
             for k, m in zip(keys, values):
                 tier.hint_attention(k, m)
@@ -446,41 +434,16 @@ class KVPool:
         self._account(len(keys), len(where) * self.layout.chunk_tokens)
         if not where:
             return
-        hit = len(where) * self.layout.chunk_tokens
-        L = self.layout.num_layers
-        shape = (2, hit, self.layout.num_kv_heads, self.layout.head_dim)
-
-        start = time.monotonic()
-        step = layer_time if layer_time is not None else 1e-6  # without an estimate: layer order
-
-        async def read_layer(layer: int) -> torch.Tensor:
-            x = await self._staging.acquire(shape, self.layout.dtype, wait_s=self.config.staging_wait_s)
-            off = self.layout.layer_offset(layer)
-            self._gate.enter()  # close() waits for this read; a suspended generator does not hold it up
-            try:
-                with io_class(Priority.FOREGROUND, start + layer * step):
-                    ok = await self._read_views(
-                        keys, where, [self.layout.layer_chunk_view(x, c) for c in range(len(where))], off
-                    )
-            finally:
-                self._gate.exit()
-            if ok < len(where):
-                raise RestoreError(f"chunk {ok} of the prefix could not be read at layer {layer}", layer)
-            return x
-
-        pending: dict[int, asyncio.Task[torch.Tensor]] = {}
+        layers = stream_layers(
+            layout=self.layout, keys=keys, where=where, read_views=self._read_views, gate=self._gate,
+            acquire=lambda shape: self._staging.acquire(shape, self.layout.dtype, wait_s=self.config.staging_wait_s),
+            prefetch_layers=prefetch_layers, layer_time=layer_time,
+        )
         try:
-            for layer in range(L):
-                for nxt in range(layer, min(L, layer + 1 + prefetch_layers)):
-                    if nxt not in pending:
-                        pending[nxt] = asyncio.ensure_future(read_layer(nxt))
-                x = await pending.pop(layer)
-                yield layer, x
+            async for item in layers:
+                yield item
         finally:
-            for t in pending.values():
-                t.cancel()
-            if pending:
-                await asyncio.gather(*pending.values(), return_exceptions=True)
+            await layers.aclose()  # the reads still in flight are cancelled and awaited
 
     @in_flight
     async def delete(self, tokens: Tokens) -> int:
@@ -492,6 +455,7 @@ class KVPool:
             for i, k in enumerate(keys):
                 if await self._tiers.delete_in(t, k):  # a down tier is counted (delete_failures), not raised
                     removed.add(i)
+        log_delete(self, len(removed))
         return len(removed) * self.layout.chunk_tokens
 
     @in_flight

@@ -15,7 +15,7 @@ import attrs
 import torch
 
 from ..config import PoolConfig
-from ..errors import BackendError, CapacityError, KVPoolError, PoolClosedError
+from ..errors import BackendError, CapacityError, PoolClosedError
 from ..storage.backend import Backend, ReadRequest, nbytes_of
 from .intents import Slot, WriteIntents
 from .scheduler import TierScheduler
