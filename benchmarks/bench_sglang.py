@@ -57,7 +57,7 @@ sys.path.insert(0, str(REPO))  # measure the checkout this file lives in
 from _util import save
 
 import kvpool
-from kvpool.buffers import aligned_empty
+from kvpool.storage.buffers import aligned_empty
 
 L, H, D, DT, PAGE = 32, 8, 128, torch.bfloat16, 64
 STORAGE_BATCH_SIZE = 128  # sglang.srt.mem_cache.hicache_storage.STORAGE_BATCH_SIZE

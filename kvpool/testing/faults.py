@@ -17,10 +17,13 @@ import torch
 from ..storage.backend import Backend, Capabilities, ReadRequest, nbytes_of
 from ..errors import BackendError, CapacityError
 
-__all__ = ["LatencyBackend", "FaultyBackend", "FAULTS"]
+__all__ = ["ForwardingBackend", "LatencyBackend", "FaultyBackend", "FAULTS"]
 
 
-class _Wrapper(Backend):
+class ForwardingBackend(Backend):
+    """A backend that forwards everything, optional surfaces included, to ``inner``: the base for wrappers
+    that observe or alter some calls (a wrapped tier stays exactly as durable and as hinted as it was)."""
+
     def __init__(self, inner: Backend) -> None:
         super().__init__()
         self.inner = inner
@@ -79,6 +82,9 @@ class _Wrapper(Backend):
 
     def stats(self) -> dict[str, Any]:
         return self.inner.stats()
+
+
+_Wrapper = ForwardingBackend
 
 
 class LatencyBackend(_Wrapper):

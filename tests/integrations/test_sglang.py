@@ -39,7 +39,9 @@ from sglang.srt.mem_cache.storage import StorageBackendFactory
 
 import kvpool
 from kvpool import Backend, BackendError, ReadRequest
-from kvpool.buffers import aligned_empty
+from kvpool.storage.backend import Capabilities
+from kvpool.storage.buffers import aligned_empty
+from kvpool.testing.faults import ForwardingBackend
 from kvpool.integrations.sglang import KVPoolHiCacheStorage
 
 PAGE = 64  # tokens per page
@@ -164,6 +166,10 @@ class DownBackend(Backend):
     """A tier that is down: every call raises, as a dead remote or a failed device does."""
 
     scheme = "down"
+    capabilities = Capabilities(
+        persistent=False, durable=False, device_memory=False, partial_reads=True, remote=True, queued_io=True,
+        eviction_hints=False, read_bandwidth=None,
+    )
 
     def _boom(self) -> BackendError:
         return BackendError("tier is down")
@@ -185,14 +191,13 @@ class DownBackend(Backend):
         yield b""  # pragma: no cover
 
 
-class CountingBackend(Backend):
+class CountingBackend(ForwardingBackend):
     """Delegates to a real backend and counts the calls each kind of operation gets."""
 
     def __init__(self, inner: Backend, latency: float = 0.0) -> None:
-        super().__init__()
-        self.inner, self.latency = inner, latency
+        super().__init__(inner)
+        self.latency = latency
         self.scheme = inner.scheme
-        self.capabilities = inner.capabilities
         self.calls: dict[str, int] = {}
 
     def _n(self, what: str) -> None:

@@ -84,7 +84,8 @@ class KVPoolHiCacheStorage(HiCacheStorage):
             backends = [backends]
         backends = per_rank(backends, storage_config)
         pool_config = dict(extra.get("pool_config") or {})
-        pool_config.setdefault("result_cache_bytes", 0)  # pages go straight into SGLang's host pool
+        # pages go straight into SGLang's host pool: the pool's own staging memory is barely used
+        pool_config.setdefault("staging_bytes", 2 << 20)
         self.namespace = str(extra.get("namespace", ""))
         self.model_id = str(extra.get("model_id") or storage_config.model_name or "sglang")
         self.binding = page_key_binding(storage_config)
