@@ -360,7 +360,8 @@ class KVPoolConnector(KVConnectorBase_V1):
         self._load_errors: set[int] = set()
         self._saves: dict[str, list[Any]] = {}
         self._finish_wait: set[str] = set()
-        self._stats: dict[str, float] = {}
+        self._stats: dict[str, float] = {}  # this interval's, for vLLM's stats hook
+        self._totals: dict[str, float] = {}  # since start, for the lookup service's stats
         self._stats_lock = threading.Lock()
         self._layer_time: float | None = None
         self._last_layer_end: float | None = None
@@ -370,6 +371,7 @@ class KVPoolConnector(KVConnectorBase_V1):
     def _count(self, key: str, v: float = 1) -> None:
         with self._stats_lock:
             self._stats[key] = self._stats.get(key, 0) + v
+            self._totals[key] = self._totals.get(key, 0) + v
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         names = sorted(kv_caches, key=_layer_index)
@@ -434,7 +436,10 @@ class KVPoolConnector(KVConnectorBase_V1):
     def _service_stats(self) -> dict[str, Any]:
         """What the lookup service adds to the pool's stats: the connector's stores still running."""
         pending = sum(1 for futs in list(self._saves.values()) for f in list(futs) if not f.done())
-        return {"saves_pending": pending, "page_format": self._fmt.describe() if self._fmt else None}
+        with self._stats_lock:
+            totals = dict(self._totals)
+        return {"saves_pending": pending, "page_format": self._fmt.describe() if self._fmt else None,
+                "counters": totals}
 
     @property
     def pool(self) -> SyncPool | None:

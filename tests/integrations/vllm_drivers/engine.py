@@ -4,7 +4,7 @@
 
 SPEC: ``{"model": dir, "connector": extra_config or null, "engine_id": str, "llm": {extra LLM kwargs},
 "phases": [{"name", "prompts": [[tokens]], "max_tokens", "flag": [path, text] (written first),
-"settle": bool (wait for the connector's stores to land after the phase)}]}``.
+"settle": bool (wait for the connector's stores to land after the phase), "drop_caches": bool}]}``.
 OUT: per phase, per prompt: generated token ids, their logprobs, num_cached_tokens; the pool's stats (asked
 through the connector's lookup service, as the scheduler does) after each phase.
 """
@@ -68,6 +68,13 @@ def main() -> None:
         if ph.get("flag"):
             with open(ph["flag"][0], "w") as f:
                 f.write(ph["flag"][1])
+        if ph.get("drop_caches"):  # root only: the SSD tier reads from the device, not the page cache
+            try:
+                os.sync()
+                with open("/proc/sys/vm/drop_caches", "w") as f:
+                    f.write("3\n")
+            except OSError:
+                pass
         sp = SamplingParams(temperature=0.0, max_tokens=ph.get("max_tokens", 8), logprobs=1, seed=0)
         t = time.perf_counter()
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in ph["prompts"]], sp, use_tqdm=False)
