@@ -169,6 +169,9 @@ def main() -> None:
         "connector_vs_get_into": (conn_bw / gi["GBps"]) if conn_bw else None,
         "connector2_vs_get_into": (conn_bw2 / gi["GBps"]) if conn_bw2 else None,
         "load_avg_1min_at_end": os.getloadavg()[0],
+        # prefix + suffix B: restored through the connector (A) vs served by vLLM alone (B): same token, logprob
+        "restore_matches_vllm_alone": [A["restore"]["requests"][0][k] == B["suffix_only2"]["requests"][0][k]
+                                       for k in ("tokens", "logprobs")],
         "page_cache_dropped": drop_caches(),
     }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
