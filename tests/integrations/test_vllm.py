@@ -24,7 +24,6 @@ import json
 import os
 import random
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -156,7 +155,7 @@ def _flip_chunk(path: Path, stats: dict[str, Any], tokens: list[int], chunk: int
             e = tier._index[key]  # test-only: where the object lies in the file
             return tier._geo.d_off + e.offset, e.length
 
-    off, length = asyncio.run(locate())
+    off, _length = asyncio.run(locate())
     with open(path, "r+b") as f:
         f.seek(off + 100)
         f.write(b"\xde\xad\xbe\xef" * 8)

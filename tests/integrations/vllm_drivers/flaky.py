@@ -7,8 +7,6 @@ Imported in the worker through the connector's ``backend_modules`` key.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 import kvpool
