@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -13,11 +14,13 @@ sys.path.insert(0, str(ROOT / "tests"))
 from harness.fixtures import (  # noqa: E402,F401
     _no_mooncake_client_left,
     mooncake_cluster,
+    mooncake_raw,
     own_mooncake,
     own_redis,
     redis_cluster,
     redis_server,
 )
+from harness.loopdev import loop_factory  # noqa: E402  (real loop block devices)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -31,6 +34,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def make_loop(tmp_path: Path) -> Iterator[Callable[[int], str]]:
+    """Factory of real loop block devices of a given size, all detached at the end of the test."""
+    with loop_factory(tmp_path) as make:
+        yield make
+
+
+@pytest.fixture(scope="module")
+def module_loops(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[int], str]]:
+    """The same, shared by a test module (devices detached after its last test)."""
+    with loop_factory(tmp_path_factory.mktemp("loops")) as make:
+        yield make
 
 
 @pytest.fixture

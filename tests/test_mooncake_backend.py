@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ except ImportError as _exc:  # the wheel, or a shared library it needs (libfabri
     )
 
 from harness.procs import put_then_get
+from harness.raw import RemoteRaw, in_thread
 from harness.servers import MooncakeCluster, http_get
 from harness.servers import free_port as _free_port
 from harness.servers import unique_prefix as _prefix
@@ -77,12 +79,27 @@ class _Counting:
 
 
 # --- the conformance suite ----------------------------------------------------------------------------------
-class TestMooncakeConformance(BackendTests):
+class TestMooncakeConformance(RemoteRaw, BackendTests):
+    """The shipped suite; its raw hooks go through a second, plain Mooncake client
+    (:class:`harness.raw.RemoteRaw`)."""
+
     bounded = False
 
     @pytest.fixture(autouse=True)
-    def _cluster(self, mooncake_cluster: MooncakeCluster) -> None:
+    def _cluster(self, mooncake_cluster: MooncakeCluster, mooncake_raw: Any) -> Iterator[None]:
         self.cluster = mooncake_cluster
+        self.raw_client = mooncake_raw
+        yield
+        # pytest keeps test instances to the end: a client referenced here would be destroyed (and log)
+        # after the summary
+        del self.raw_client
+
+    async def _get(self, name: str) -> bytes | None:
+        v = await in_thread(self.raw_client.get, name)
+        return bytes(v) if v else None
+
+    async def _put(self, name: str, value: bytes) -> None:
+        assert await in_thread(self.raw_client.upsert, name, value) == 0
 
     async def make_backend(self, tmp_path: Path, capacity: int) -> MooncakeBackend:
         return self.cluster.backend()
@@ -102,7 +119,7 @@ class TestMooncakePlainConformance(TestMooncakeConformance):
         return self.cluster.backend(part_size=16 * KiB, zero_copy=False)
 
 
-# --- buffer, replacement, lookups (the format shared with redis:// is tested in tests/remote/test_objects.py) ----------------------------------------------------------------------------------
+# --- buffer, replacement, lookups (the format shared with redis:// is in tests/remote/test_objects.py) -------
 async def test_readers_share_a_small_buffer(cluster: MooncakeCluster) -> None:
     # many readers at once share a 2.5 MiB transfer buffer: they wait for room, none fails
     async with cluster.backend(part_size=MiB, buffer=5 * MiB // 2) as b:

@@ -17,6 +17,7 @@ pytest.importorskip("redis", reason="redis-py is not installed (pip install 'kvp
 
 import redis.asyncio as aredis
 from harness.procs import put_then_get
+from harness.raw import RemoteRaw
 from harness.servers import RedisClusterNodes, RedisServer, listening
 from harness.servers import free_port as _free_port
 from harness.servers import unique_prefix as _prefix
@@ -49,12 +50,26 @@ async def _part_names(r: aredis.Redis, b: RedisBackend, key: bytes) -> list[byte
 
 
 # --- the conformance suite ----------------------------------------------------------------------------------
-class TestRedisConformance(BackendTests):
+class TestRedisConformance(RemoteRaw, BackendTests):
+    """The shipped suite; its raw hooks go through a plain redis-py client (:class:`harness.raw.RemoteRaw`)."""
+
     bounded = False
 
     @pytest.fixture(autouse=True)
-    def _server(self, redis_server: RedisServer) -> None:
+    async def _server(self, redis_server: RedisServer) -> AsyncIterator[None]:
         self.url = redis_server.url
+        self.raw_client = aredis.Redis(host="127.0.0.1", port=redis_server.port)
+        try:
+            yield
+        finally:
+            await self.raw_client.aclose()
+
+    async def _get(self, name: str) -> bytes | None:
+        v = await self.raw_client.get(name)
+        return None if v is None else bytes(v)
+
+    async def _put(self, name: str, value: bytes) -> None:
+        await self.raw_client.set(name, value)
 
     async def make_backend(self, tmp_path: Path, capacity: int) -> RedisBackend:
         return RedisBackend(self.url, prefix=_prefix())
@@ -67,7 +82,7 @@ class TestRedisMultipartConformance(TestRedisConformance):
         return RedisBackend(self.url, prefix=_prefix(), part_size=16 * KiB)
 
 
-# --- parts, expiry, lookups (the format shared with mooncake:// is tested in tests/remote/test_objects.py) ----------------------------------------------------------------------------------
+# --- parts, expiry, lookups (the format shared with mooncake:// is in tests/remote/test_objects.py) ----------
 async def test_overwrite_expires_the_old_parts(redis_server: RedisServer, raw: aredis.Redis) -> None:
     async with RedisBackend(redis_server.url, prefix=_prefix(), part_size=16 * KiB) as b:
         k = rand_key()

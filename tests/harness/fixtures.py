@@ -10,10 +10,17 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from .servers import MooncakeCluster, RedisClusterNodes, RedisServer, close_mooncake_clients, mooncake_binaries
+from .servers import (
+    MooncakeCluster,
+    RedisClusterNodes,
+    RedisServer,
+    close_mooncake_clients,
+    mooncake_binaries,
+)
 
 
 def _need_redis() -> None:
@@ -69,6 +76,21 @@ def mooncake_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Moonc
         yield c
     finally:
         c.stop()
+
+
+@pytest.fixture(scope="session")
+def mooncake_raw(mooncake_cluster: MooncakeCluster) -> Iterator[Any]:
+    """A plain Mooncake client of the session cluster, to look at and damage what a backend stored; closed
+    before the cluster stops."""
+    from mooncake.store import MooncakeDistributedStore
+
+    s = MooncakeDistributedStore()
+    rc = s.setup("127.0.0.1", mooncake_cluster.metadata, 0, 64 << 20, "tcp", "", mooncake_cluster.master_address)
+    assert rc == 0, f"a raw Mooncake client could not be set up ({rc})"
+    try:
+        yield s
+    finally:
+        s.close()
 
 
 @pytest.fixture

@@ -1,83 +1,75 @@
-"""Independent channels to the built-in backends' stored bytes, for the conformance suite's raw hooks.
+"""The conformance suite's raw hooks (``get_raw``/``set_raw``/``corrupt_raw``) for the remote tiers, through
+a plain client of the server -- redis-py, or a second Mooncake client -- never the backend under test.
 
-Each function reaches an object without the backend's read path: the memory tiers' arena tensor, the SSD
-tier's pool file or block device through plain ``os.pread``/``os.pwrite`` at the object's offset (from the
-index, the one piece of backend state used: where the object is, never what it holds).
+The object is decoded and encoded here from :mod:`kvpool.remote.format` (the pure, documented format: header,
+parts under ``NAME:VERSION:INDEX``, xxh3 checksums), so a write is checked byte for byte against what the
+server holds, and an object stored here must be found by the backend's own read path.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+from typing import Any
 
-from kvpool.memory.arena import ArenaTier
-from kvpool.ssd.store import UringBackend
-from kvpool.storage.backend import Backend
+import xxhash
 
-
-def arena_get_raw(backend: Backend, key: bytes) -> bytes | None:
-    """The bytes of ``key`` in a DRAM or GPU tier's arena, copied out with a plain tensor slice."""
-    assert isinstance(backend, ArenaTier)
-    ext = backend._index.get(key)
-    if ext is None:
-        return None
-    assert backend._arena is not None
-    return bytes(backend._arena[ext.start : ext.start + ext.nbytes].cpu().numpy().tobytes())
+from kvpool.remote.format import part_seed
 
 
-def _uring_where(backend: Backend, key: bytes) -> tuple[int, int] | None:
-    """(absolute offset, length) of ``key``'s bytes in the pool file or device."""
-    assert isinstance(backend, UringBackend)
-    e = backend._index.get(key)
-    if e is None or e.dead:
-        return None
-    assert backend._geo is not None
-    return backend._geo.d_off + e.offset, e.length
+class RemoteRaw:
+    """Mixed into a ``BackendTests`` subclass; the subclass sets :meth:`_get` / :meth:`_put` (one value by
+    name, ``None`` when absent) on its independent client."""
+
+    async def _get(self, name: str) -> bytes | None:
+        raise NotImplementedError
+
+    async def _put(self, name: str, value: bytes) -> None:
+        raise NotImplementedError
+
+    async def get_raw(self, backend: Any, key: bytes) -> bytes | None:
+        name = backend._name(key)
+        value = await self._get(name)
+        if value is None:
+            return None
+        hdr = backend.wire.parse_header(value, key)
+        assert hdr is not None, f"what the backend stored under {name} is not a valid header"
+        if hdr.inline:
+            return bytes(value[hdr.data_off :])
+        parts = [await self._get(backend._part_name(name, hdr.version, p)) for p in range(hdr.nparts)]
+        assert all(p is not None for p in parts), "a part of a stored object is missing"
+        return b"".join(p for p in parts if p is not None)
+
+    async def set_raw(self, backend: Any, key: bytes, data: bytes) -> None:
+        name, ps = backend._name(key), backend.part_size
+        chunks = [data[i : i + ps] for i in range(0, len(data), ps)]
+        sums = [xxhash.xxh3_64_intdigest(c, part_seed(key, p)) for p, c in enumerate(chunks)]
+        version = int.from_bytes(os.urandom(8), "little")
+        inline = len(chunks) == 1
+        header = backend.wire.pack_header(key, len(data), ps, version, sums, inline)
+        if inline:
+            await self._put(name, header + data)
+            return
+        for p, c in enumerate(chunks):
+            await self._put(backend._part_name(name, version, p), c)
+        await self._put(name, header)
+
+    async def corrupt_raw(self, backend: Any, key: bytes) -> None:
+        """Flip one data byte: in the inline data, or in the first part."""
+        name = backend._name(key)
+        value = await self._get(name)
+        assert value is not None
+        hdr = backend.wire.parse_header(value, key)
+        assert hdr is not None
+        if not hdr.inline:
+            name = backend._part_name(name, hdr.version, 0)
+            value = await self._get(name)
+            assert value is not None
+        v = bytearray(value)
+        v[-1] ^= 0x01
+        await self._put(name, bytes(v))
 
 
-def uring_get_raw(backend: Backend, key: bytes) -> bytes | None:
-    """The bytes of ``key`` read with ``os.pread`` from the pool file or block device (buffered, so
-    unaffected by the backend's O_DIRECT, registered-buffer and bounce paths)."""
-    where = _uring_where(backend, key)
-    if where is None:
-        return None
-    off, n = where
-    assert isinstance(backend, UringBackend)
-    fd = os.open(backend.path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return os.pread(fd, n, off)
-    finally:
-        os.close(fd)
-
-
-def uring_corrupt_raw(backend: Backend, key: bytes) -> None:
-    """Flip one byte in the middle of ``key``'s bytes on the file or device, and sync it there (so the
-    backend's direct reads see it)."""
-    where = _uring_where(backend, key)
-    assert where is not None, "corrupt_raw of an object that is not stored"
-    off, n = where
-    assert isinstance(backend, UringBackend)
-    fd = os.open(backend.path, os.O_RDWR | os.O_CLOEXEC)
-    try:
-        pos = off + n // 2
-        (b,) = os.pread(fd, 1, pos)
-        os.pwrite(fd, bytes([b ^ 0xFF]), pos)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class ArenaRawHooks:
-    """Raw hooks (``get_raw``) of the conformance suite for DRAM and GPU tiers; put before ``BackendTests``."""
-
-    async def get_raw(self, backend: Backend, key: bytes) -> bytes | None:
-        return arena_get_raw(backend, key)
-
-
-class UringRawHooks:
-    """Raw hooks (``get_raw``, ``corrupt_raw``) for the SSD tier on a file or a block device."""
-
-    async def get_raw(self, backend: Backend, key: bytes) -> bytes | None:
-        return uring_get_raw(backend, key)
-
-    async def corrupt_raw(self, backend: Backend, key: bytes) -> None:
-        uring_corrupt_raw(backend, key)
+async def in_thread(fn: Any, *args: Any) -> Any:
+    """A blocking client call off the event loop."""
+    return await asyncio.to_thread(fn, *args)

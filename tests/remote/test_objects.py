@@ -80,19 +80,6 @@ class Tier:
         return self.server.backend(**kw)
 
 
-@pytest.fixture(scope="session")
-def _mooncake_raw(mooncake_cluster: Any) -> Any:
-    """A plain Mooncake client of the session cluster, closed before the cluster stops."""
-    from mooncake.store import MooncakeDistributedStore
-
-    s = MooncakeDistributedStore()
-    assert s.setup("127.0.0.1", mooncake_cluster.metadata, 0, 64 * MiB, "tcp", "", mooncake_cluster.master_address) == 0
-    try:
-        yield s
-    finally:
-        s.close()
-
-
 @pytest.fixture(params=["redis", "mooncake", "mooncake-plain"])
 async def tier(request: pytest.FixtureRequest) -> AsyncIterator[Tier]:
     if request.param == "redis":
@@ -107,7 +94,7 @@ async def tier(request: pytest.FixtureRequest) -> AsyncIterator[Tier]:
             await client.aclose()
         return
     cluster = request.getfixturevalue("mooncake_cluster")
-    raw = Raw("mooncake", cluster, request.getfixturevalue("_mooncake_raw"))
+    raw = Raw("mooncake", cluster, request.getfixturevalue("mooncake_raw"))
     yield Tier("mooncake", cluster, raw, zero_copy=request.param == "mooncake")
 
 
