@@ -408,9 +408,13 @@ class KVPoolConnector(KVConnectorBase_V1):  # type: ignore[misc]
         if self._tp > 1:
             namespace = f"{namespace}|tp{self._rank}of{self._tp}"
         backends = [self._subst(b) for b in self._extra["backends"]]
-        config = self._extra.get("config") or None
-        if isinstance(config, dict):
-            config = PoolConfig.from_dict(config)
+        opts = dict(self._extra.get("config") or {})
+        if "staging_bytes" not in opts:
+            # the layers a restore of the longest prompt keeps in flight (stream's results come from the
+            # pool's staging memory, populated at open: the first restore pays no page faults)
+            per_layer = layout.chunk_nbytes // layout.num_layers * -(-int(mc.max_model_len) // self._chunk_tokens)
+            opts["staging_bytes"] = min(4 << 30, max(64 << 20, (self._prefetch_layers + 2) * per_layer))
+        config = PoolConfig.from_dict(opts)
         self._pool = SyncPool.open(layout=layout, model_id=fmt.model_id(model), backends=backends,
                                    namespace=namespace, config=config)
         self._path = socket_path(self._engine_id, self._rank, self._dp_rank, self._socket_dir)
@@ -650,8 +654,7 @@ class KVPoolConnector(KVConnectorBase_V1):  # type: ignore[misc]
     def pool_stats(self) -> dict[str, Any] | None:
         """:meth:`kvpool.KVPool.stats` of the pool (from either side: the scheduler asks rank 0's service)."""
         if getattr(self, "_pool", None) is not None:
-            st: dict[str, Any] = self._pool.stats()  # type: ignore[union-attr]
-            return st
+            return dict(self._pool.stats())  # type: ignore[union-attr]
         clients = getattr(self, "_clients", None)
         return clients[0].stats() if clients else None
 

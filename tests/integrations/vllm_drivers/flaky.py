@@ -11,7 +11,7 @@ import torch
 
 import kvpool
 from kvpool.errors import BackendError
-from kvpool.registry import backend_from_spec
+from kvpool.storage.registry import backend_from_spec
 from kvpool.testing.faults import FaultyBackend
 
 
