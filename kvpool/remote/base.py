@@ -23,12 +23,10 @@ import contextlib
 import errno as errno_mod
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
-import attrs
 import torch
 import xxhash
 
@@ -37,11 +35,12 @@ from ..storage.backend import Backend, Capabilities, ReadRequest, nbytes_of
 from ..storage.buffers import OFFLOAD_BYTES
 from .boundary import ExceptionMap, Fault, backend_error, map_exceptions
 from .format import Filler, Header, RemoteFormat, part_seed, seconds
+from .objects import Family, Item, Plan, Value, flat_bytes
 
 if TYPE_CHECKING:
     from ..config import BackendSpec
 
-__all__ = ["RemoteBackend", "Plan", "Value", "Item", "Ident", "Fixed", "KEY_LEN"]
+__all__ = ["RemoteBackend", "Family", "Plan", "Value", "Item", "Ident", "Fixed", "KEY_LEN", "flat_bytes"]
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -59,85 +58,6 @@ _T = TypeVar("_T")
 Ident = tuple[bytes, int, int]
 # (part_size, nparts, length, version, inline) of a header's fixed part
 Fixed = tuple[int, int, int, int, bool]
-
-
-class Value:
-    """Bytes fetched from a server: a view, its address, and what keeps them alive."""
-
-    __slots__ = ("mv", "addr", "keep")
-
-    def __init__(self, mv: memoryview, addr: int, keep: Any = None) -> None:
-        self.mv = mv
-        self.addr = addr
-        self.keep = keep
-
-
-@attrs.define(slots=True, eq=False)
-class Plan:
-    """One range read whose header was found: the parts that cover the range, what they are copied into, and
-    how the read ended (``status``: ``ok`` or the counter a miss goes to)."""
-
-    index: int
-    key: bytes
-    name: str
-    hdr: Header
-    offset: int
-    nbytes: int
-    dest: torch.Tensor
-    value: Value  # the header value (an inline object's data follows the header in it)
-    status: str = "ok"
-    filler: Filler | None = None
-    parts: list[int] = attrs.field(init=False)
-
-    def __attrs_post_init__(self) -> None:
-        ps, lo, n = self.hdr.part_size, self.offset, self.nbytes
-        self.parts = list(range(lo // ps, (lo + n - 1) // ps + 1)) if n else []
-
-
-@attrs.frozen
-class Family:
-    """What names one remote transport: its scheme and logger name, its objects' magic and header salt (so a
-    value one writes is never taken for the other's), and what its library's exceptions mean."""
-
-    name: str
-    magic: bytes
-    salt: int
-    exceptions: ExceptionMap
-
-
-class Item:
-    """One object being written: its contiguous bytes, a fresh version id and (once computed) its checksums."""
-
-    __slots__ = ("key", "name", "flat", "nbytes", "nparts", "part_size", "version", "sums")
-
-    def __init__(self, key: bytes, name: str, flat: torch.Tensor, part_size: int) -> None:
-        self.key = key
-        self.name = name
-        self.flat = flat  # contiguous uint8 CPU bytes of the source
-        self.nbytes = flat.numel()
-        self.part_size = part_size
-        self.nparts = -(-self.nbytes // part_size)
-        self.version = int.from_bytes(os.urandom(8), "little")
-        self.sums: list[int] = [0] * self.nparts
-
-    @property
-    def inline(self) -> bool:
-        return self.nparts == 1
-
-    def part(self, p: int) -> torch.Tensor:
-        ps = self.part_size
-        return self.flat[p * ps : min(self.nbytes, (p + 1) * ps)]
-
-    def part_len(self, p: int) -> int:
-        return min(self.part_size, self.nbytes - p * self.part_size)
-
-
-def flat_bytes(src: torch.Tensor) -> torch.Tensor:
-    """The row-major bytes of ``src`` as one contiguous uint8 CPU tensor (no copy when it already is one)."""
-    t = src.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    return t.resolve_conj().resolve_neg().contiguous().reshape(-1).view(torch.uint8)
 
 
 class _Attempt:
