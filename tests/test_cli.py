@@ -76,7 +76,7 @@ def test_dir_dev_shm_is_a_directory_on_tmpfs_not_a_block_device() -> None:
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (("bench", "--size", "1XB"), "--size: cannot parse '1XB'"),
+        (("bench", "--size", "1XB"), "--size 1XB: not a size"),
         (("bench", "--size", "0"), "--size must be more than 0"),
         (("bench", "--size", "64MiB"), "--size 64MiB is less than one prompt"),
         (("bench", "--dir", "/nope"), "--dir /nope: no such directory"),
@@ -91,7 +91,7 @@ def test_dir_dev_shm_is_a_directory_on_tmpfs_not_a_block_device() -> None:
         (("inspect", "/etc"), "neither a pool file nor a block device"),
         (("fsck", "/etc/hostname"), "is not a kvpool pool"),
         (("frobnicate",), "invalid choice: 'frobnicate'"),
-        ((), "the following arguments are required: COMMAND"),
+        ((), "kvpool: missing COMMAND"),
     ],
 )
 def test_user_errors_are_one_line_with_a_hint_and_exit_2(args: tuple[str, ...], needle: str) -> None:

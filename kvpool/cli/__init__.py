@@ -40,7 +40,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but an error is one line with a hint (``--help``), exit status 2."""
 
     def error(self, message: str) -> NoReturn:
-        _fail(f"{self.prog}: {message}", f"see {self.prog} --help")
+        message = message.replace("the following arguments are required:", "missing")  # fits 80 columns
+        _fail(f"{self.prog}: {message}", f"{self.prog} --help")
 
 
 def _fail(message: str, hint: str = "", status: int = 2) -> NoReturn:
@@ -107,13 +108,15 @@ def _runner() -> Any:
         return asyncio.run
 
 
-def _hint(exc: KVPoolError) -> str:
+def _hint(cmd: str, exc: KVPoolError) -> str:
     from ..errors import ConfigError, PoolLockedError
 
     if isinstance(exc, PoolLockedError):
         return "another process has it open; inspect and fsck (without --repair) can still read it"
+    if isinstance(exc, ConfigError) and cmd in ("inspect", "fsck"):
+        return "kvpool bench --keep makes a pool"
     if isinstance(exc, ConfigError):
-        return "check the path and options"
+        return "check --path, --dir and --size"
     return "see docs/configuration.md"
 
 
@@ -157,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         _fail(f"kvpool {args.cmd}: {exc}", exc.hint)
     except KVPoolError as exc:
-        _fail(f"kvpool {args.cmd}: {exc}", _hint(exc))
+        _fail(f"kvpool {args.cmd}: {exc}", _hint(args.cmd, exc))
     except KeyboardInterrupt:
         _fail(f"kvpool {args.cmd}: interrupted", status=130)
     except BrokenPipeError:  # `kvpool inspect ... | head`

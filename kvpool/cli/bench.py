@@ -93,13 +93,13 @@ class Plan:
     def __init__(self, args: argparse.Namespace) -> None:
         self.layout = LAYOUTS[args.layout]
         self.layout_name = args.layout
-        self.prompt_chunks = positive(args.prompt_chunks, "--prompt-chunks", "a prompt is 1 or more chunks")
-        self.concurrency = positive(args.concurrency, "--concurrency", "prompts restored at once, e.g. 4")
-        self.repeat = positive(args.repeat, "--repeat", "restore passes to take the median of, e.g. 3")
+        self.prompt_chunks = positive(args.prompt_chunks, "--prompt-chunks", "e.g. 8")
+        self.concurrency = positive(args.concurrency, "--concurrency", "e.g. 4")
+        self.repeat = positive(args.repeat, "--repeat", "e.g. 3")
         try:
             fill = parse_size(args.size, what="--size")
-        except ConfigError as exc:
-            raise UsageError(str(exc), "e.g. --size 4GiB") from None
+        except ConfigError:
+            raise UsageError(f"--size {args.size}: not a size", "e.g. 4GiB, 512MiB, 10GB") from None
         prompt = self.layout.chunk_nbytes * self.prompt_chunks
         if fill == 0:
             raise UsageError("--size must be more than 0", "e.g. --size 4GiB")
@@ -197,6 +197,8 @@ async def run(plan: Plan) -> dict[str, Any]:
             for _ in range(plan.repeat):
                 _drop_caches()
                 c0, t0 = time.process_time(), time.perf_counter()
+                if prog.done == 0:  # the bar's rate counts restore time, not the cache drop before it
+                    prog.t0 = t0
                 for s in range(0, plan.n_prompts, len(outs)):
                     batch = prompts[s : s + len(outs)]
                     got = await asyncio.gather(*(pool.get_into(p, o) for p, o in zip(batch, outs)))

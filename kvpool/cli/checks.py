@@ -59,7 +59,7 @@ def writable_dir(path: str, flag: str = "--dir") -> str:
     if not os.path.isdir(path):
         kind = "a block device" if stat.S_ISBLK(os.stat(path).st_mode) else "not a directory"
         hint = f"to benchmark the device itself use --path {path}" if kind == "a block device" else (
-            "give the directory the temp pool file should go in")
+            "give a directory")
         raise UsageError(f"{flag} {path}: {kind}", hint)
     if not os.access(path, os.W_OK):
         raise UsageError(f"{flag} {path}: not writable by you", "pick a directory you can write to, e.g. /var/tmp")
