@@ -17,14 +17,13 @@ stops them at the end.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from _remote import atimed, lookup_figures, parse_args  # noqa: E402
 from _util import save  # noqa: E402
 from harness.servers import MooncakeCluster  # noqa: E402
 from mooncake.store import MooncakeDistributedStore  # noqa: E402
@@ -39,12 +39,6 @@ from mooncake.store import MooncakeDistributedStore  # noqa: E402
 from kvpool.remote.mooncake import MooncakeBackend  # noqa: E402
 
 MiB = 1 << 20
-
-
-async def atimed(fn: Callable[[], Awaitable[Any]]) -> float:
-    t0 = time.perf_counter()
-    await fn()
-    return time.perf_counter() - t0
 
 
 def timed(fn: Callable[[], Any]) -> float:
@@ -119,24 +113,14 @@ async def run(cluster: MooncakeCluster, repeat: int, size: int) -> dict[str, flo
         res["put_ratio"] = res["write_GBps"] / res["raw_put_GBps"]
 
         # lookup of a 512-chunk prompt
-        keys = [os.urandom(16) for _ in range(512)]
-        small = torch.zeros(4096, dtype=torch.uint8)
-        await zc.write_many([(k, small) for k in keys])
-        assert await zc.contains_many(keys) == [True] * 512
-        ts = [await atimed(lambda: zc.contains_many(keys)) for _ in range(max(repeat, 21))]
-        res["lookup_512_ms"] = statistics.median(ts) * 1e3
-        ts = [await atimed(lambda: zc.contains_many(keys[:1])) for _ in range(max(repeat, 21))]
-        res["lookup_1_ms"] = statistics.median(ts) * 1e3
+        res.update(await lookup_figures(zc, repeat))
         res["stats_corrupt"] = zc.stats()["corrupt"] + plain.stats()["corrupt"]
         raw.unregister_buffer(reg.data_ptr())
     return res
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--repeat", type=int, default=21)
-    ap.add_argument("--size-mib", type=int, default=32)
-    args = ap.parse_args()
+    args = parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         try:
             cluster = MooncakeCluster(Path(tmp), segment="2GB")

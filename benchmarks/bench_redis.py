@@ -14,14 +14,12 @@ It starts its own redis-server on a free loopback port and stops it at the end.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import shutil
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -29,18 +27,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import redis.asyncio as aredis  # noqa: E402
+from _remote import atimed, lookup_figures, parse_args  # noqa: E402
 from _util import save  # noqa: E402
 from harness.servers import RedisServer  # noqa: E402
 
 from kvpool.remote.redis import RedisBackend  # noqa: E402
 
 MiB = 1 << 20
-
-
-async def timed(coro_fn) -> float:  # type: ignore[no-untyped-def]
-    t0 = time.perf_counter()
-    await coro_fn()
-    return time.perf_counter() - t0
 
 
 async def run(port: int, repeat: int, size: int) -> dict[str, float]:
@@ -78,11 +71,11 @@ async def run(port: int, repeat: int, size: int) -> dict[str, float]:
             await r.get("plain:obj")
             await b.read_into(key, dest)
         for _ in range(repeat):
-            rows["plain_get"].append(await timed(lambda: r.get("plain:obj")))
-            rows["plain_parts_get"].append(await timed(plain_parts))
-            rows["read_into"].append(await timed(lambda: b.read_into(key, dest)))
-            rows["plain_set"].append(await timed(lambda: r.set("plain:obj2", raw)))
-            rows["write"].append(await timed(lambda: b.write(key, data)))
+            rows["plain_get"].append(await atimed(lambda: r.get("plain:obj")))
+            rows["plain_parts_get"].append(await atimed(plain_parts))
+            rows["read_into"].append(await atimed(lambda: b.read_into(key, dest)))
+            rows["plain_set"].append(await atimed(lambda: r.set("plain:obj2", raw)))
+            rows["write"].append(await atimed(lambda: b.write(key, data)))
         assert await b.read_into(key, dest) and torch.equal(dest, data)
         for k, v in rows.items():
             res[f"{k}_GBps"] = size / statistics.median(v) / 1e9
@@ -91,24 +84,14 @@ async def run(port: int, repeat: int, size: int) -> dict[str, float]:
         res["put_ratio"] = res["write_GBps"] / res["plain_set_GBps"]
 
         # lookup of a 512-chunk prompt
-        keys = [os.urandom(16) for _ in range(512)]
-        small = torch.zeros(4096, dtype=torch.uint8)
-        await b.write_many([(k, small) for k in keys])
-        assert await b.contains_many(keys) == [True] * 512
-        ts = [await timed(lambda: b.contains_many(keys)) for _ in range(max(repeat, 21))]
-        res["lookup_512_ms"] = statistics.median(ts) * 1e3
-        ts = [await timed(lambda: b.contains_many(keys[:1])) for _ in range(max(repeat, 21))]
-        res["lookup_1_ms"] = statistics.median(ts) * 1e3
+        res.update(await lookup_figures(b, repeat))
         res["stats_corrupt"] = b.stats()["corrupt"]
     await r.aclose()
     return res
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--repeat", type=int, default=21)
-    ap.add_argument("--size-mib", type=int, default=32)
-    args = ap.parse_args()
+    args = parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         if shutil.which("redis-server") is None:
             sys.exit("redis-server is not installed")
