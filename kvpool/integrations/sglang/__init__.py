@@ -38,7 +38,8 @@ import asyncio
 import atexit
 import logging
 import threading
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import blake3
 import torch
@@ -57,9 +58,10 @@ log = logging.getLogger("kvpool.sglang")
 _SGLANG_KEYS = frozenset({"backend_name", "module_path", "class_name", "interface_v1", "tp_lcm_size"})
 _OWN_KEYS = frozenset({"backends", "namespace", "model_id", "pool_config", "promote_on_hit"})
 _DEFAULT_BACKENDS = ("dram://?capacity=4GiB",)
+T = TypeVar("T")
 
 
-class KVPoolHiCacheStorage(HiCacheStorage):
+class KVPoolHiCacheStorage(HiCacheStorage):  # type: ignore[misc]  # sglang ships no type information
     """SGLang HiCache L3 storage on a kvpool pool of tiers.
 
     Parameters
@@ -153,7 +155,7 @@ class KVPoolHiCacheStorage(HiCacheStorage):
     def pool(self) -> kvpool.KVPool:
         return self._sync.pool
 
-    def _run(self, coro: Any) -> Any:
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         return self._sync.submit(coro).result()
 
     def _tier_error(self, tier: Backend, what: str, exc: BaseException) -> None:
