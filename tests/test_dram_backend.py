@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.raw import ArenaRawHooks
+from harness.local_raw import ArenaRawHooks
 from kvpool import CapacityError, ConfigError
 from kvpool.memory.dram import DRAMBackend
 from kvpool.config import BackendSpec

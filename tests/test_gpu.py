@@ -24,7 +24,7 @@ from kvpool.cuda.host import pinned_empty, register_host_memory, registered_host
 from kvpool.cuda.paged_kv import PagedKV
 from kvpool.pool.paged import put_paged, restore_paged
 from kvpool.storage.registry import backend_from_spec
-from harness.raw import ArenaRawHooks
+from harness.local_raw import ArenaRawHooks
 from kvpool.testing import BackendTests
 from kvpool.testing.backend_tests import rand_bytes, rand_key
 

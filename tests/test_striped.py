@@ -7,9 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
-import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -507,38 +505,9 @@ async def test_pool_with_a_striped_tier(tmp_path: Path) -> None:
 
 
 # --- loop block devices --------------------------------------------------------------------------------------
-def _can_loop() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root for losetup"
-    if not shutil.which("losetup"):
-        return "losetup not installed"
-    if not os.path.exists("/dev/loop-control"):
-        return "no loop device support"
-    return None
-
-
 @pytest.fixture(scope="module")
-def two_loopdevs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
-    why = _can_loop()
-    if why:
-        pytest.skip(why)
-    devs: list[str] = []
-    try:
-        for i, size in enumerate((48 * MiB, 96 * MiB)):
-            img = tmp_path_factory.mktemp("stripe-blk") / f"dev{i}.img"
-            with open(img, "wb") as f:
-                f.truncate(size)
-            try:
-                devs.append(subprocess.run(
-                    ["losetup", "--find", "--show", "--direct-io=on", str(img)],
-                    check=True, capture_output=True, text=True,
-                ).stdout.strip())
-            except subprocess.CalledProcessError as exc:
-                pytest.skip(f"losetup failed: {exc.stderr.strip()}")
-        yield devs
-    finally:
-        for d in devs:
-            subprocess.run(["losetup", "-d", d], check=False)
+def two_loopdevs(module_loops: Callable[[int], str]) -> list[str]:
+    return [module_loops(48 * MiB), module_loops(96 * MiB)]
 
 
 @pytest.mark.blockdev

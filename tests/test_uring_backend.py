@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.raw import UringRawHooks
+from harness.local_raw import UringRawHooks
 from kvpool import BackendError, ConfigError, PoolLockedError
 from kvpool.ssd import format as fmt
 from kvpool.ssd.errors import NotAPoolError

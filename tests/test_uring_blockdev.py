@@ -4,9 +4,7 @@ in the data path. Needs root and loop devices; skipped with the reason otherwise
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,41 +13,16 @@ import torch
 from kvpool import KVLayout, KVPool, PoolLockedError
 from kvpool.ssd.store import UringBackend
 from kvpool.testing import BackendTests
-from harness.raw import UringRawHooks
+from harness.local_raw import UringRawHooks
 from kvpool.testing.backend_tests import rand_bytes, rand_key
 
 MiB = 1 << 20
 pytestmark = pytest.mark.blockdev
 
 
-def _can_loop() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root for losetup"
-    if not shutil.which("losetup"):
-        return "losetup not installed"
-    if not os.path.exists("/dev/loop-control"):
-        return "no loop device support"
-    return None
-
-
 @pytest.fixture(scope="module")
-def loopdev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    why = _can_loop()
-    if why:
-        pytest.skip(why)
-    img = tmp_path_factory.mktemp("blk") / "dev.img"
-    with open(img, "wb") as f:
-        f.truncate(64 * MiB)
-    try:
-        dev = subprocess.run(
-            ["losetup", "--find", "--show", "--direct-io=on", str(img)], check=True, capture_output=True, text=True
-        ).stdout.strip()
-    except subprocess.CalledProcessError as exc:
-        pytest.skip(f"losetup failed: {exc.stderr.strip()}")
-    try:
-        yield dev
-    finally:
-        subprocess.run(["losetup", "-d", dev], check=False)
+def loopdev(module_loops: Callable[[int], str]) -> str:
+    return module_loops(64 * MiB)
 
 
 class TestUringBlockDeviceConformance(UringRawHooks, BackendTests):
