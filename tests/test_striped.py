@@ -518,7 +518,8 @@ async def test_striping_over_two_block_devices(two_loopdevs: list[str], tmp_path
     probe = BandwidthProbe(nbytes=8 * MiB, object_nbytes=2 * MiB, cache_dir=tmp_path / "bw")
 
     def make() -> StripedBackend:
-        return StripedBackend([UringBackend(d) for d in two_loopdevs], probe=probe)
+        # fresh loop devices hold zeros: kvpool formats only what it is told to
+        return StripedBackend([UringBackend(d, format=True) for d in two_loopdevs], probe=probe)
 
     layout = KVLayout(num_layers=8, num_kv_heads=4, head_dim=64, dtype=torch.float16, chunk_tokens=128)
     kv = aligned_empty(layout.kv_shape(512), torch.float16)

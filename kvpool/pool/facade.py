@@ -23,15 +23,13 @@ from ..layout import KVLayout
 from ..storage.backend import Backend
 from ..storage.buffers import aligned_empty
 from ..storage.staging import StagingArena, default_staging_bytes
-from ..storage.registry import backend_from_spec
-from ..striped.backend import StripedBackend
 from .background import Background
 from .calls import CallGate, in_flight
 from .inputs import check_config, check_device
 from .paged import put_paged, restore_paged
 from .attention import per_chunk_mass
 from .streaming import stream_layers
-from .tiers import TierSet
+from .tiers import TierSet, tier_from_spec
 from ..types import PoolStats, Tokens
 from .observe import describe_tiers, log_delete, log_open, timed, timed_stream
 from .opening import Opening
@@ -39,16 +37,6 @@ from .opening import Opening
 __all__ = ["KVPool"]
 
 _DEFAULT_PREFETCH_LAYERS = 4
-
-
-def _tier_from_spec(spec: Any) -> Backend:
-    """A spec string or backend object is one tier; a list of them is one tier striped across them."""
-    if isinstance(spec, (list, tuple)):
-        if not spec:
-            raise ConfigError("a striped tier needs at least one backend")
-        striped: Backend = StripedBackend.from_specs(list(spec))
-        return striped
-    return backend_from_spec(spec)
 
 
 class KVPool:
@@ -182,7 +170,7 @@ class KVPool:
             config = attrs.evolve(config, namespace=namespace)
         t_open = time.perf_counter()
         check_config(config)  # before any tier holds a lock, a ring or a connection
-        tiers = [_tier_from_spec(b) for b in backends]
+        tiers = [tier_from_spec(b) for b in backends]
         opened: list[Backend] = []
         try:
             for t in tiers:
@@ -450,13 +438,9 @@ class KVPool:
         """Remove every full chunk of ``tokens`` from every tier; return the tokens that were stored."""
         self._check_open()
         keys = self._hasher.keys(tokens)
-        removed = set()
-        for t in range(len(self.tiers)):
-            for i, k in enumerate(keys):
-                if await self._tiers.delete_in(t, k):  # a down tier is counted (delete_failures), not raised
-                    removed.add(i)
-        log_delete(self, len(removed))
-        return len(removed) * self.layout.chunk_tokens
+        removed = await self._tiers.delete_all(keys)  # a down tier is counted (delete_failures), not raised
+        log_delete(self, removed)
+        return removed * self.layout.chunk_tokens
 
     @in_flight
     async def flush(self) -> None:

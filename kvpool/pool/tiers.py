@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import Any
 
 import attrs
 import torch
 
 from ..config import PoolConfig
-from ..errors import BackendError, CapacityError, PoolClosedError
+from ..errors import BackendError, CapacityError, ConfigError, PoolClosedError
 from ..storage.backend import Backend, ReadRequest, nbytes_of
+from ..storage.registry import backend_from_spec
+from ..striped.backend import StripedBackend
 from .intents import Slot, WriteIntents
 from .scheduler import TierScheduler
 
-__all__ = ["TierSet", "StoreResult", "TIER_FAILURES"]
+__all__ = ["TierSet", "StoreResult", "TIER_FAILURES", "tier_from_spec"]
 
 # What a tier raises when *it* fails (down, EIO, ENOSPC, full, timeout, closed under us). Anything else
 # (TypeError, a plain ValueError, NotImplementedError) is the caller's error or a bug and propagates.
@@ -49,6 +52,16 @@ class StoreResult:
     written: int = 0
     skipped: int = 0
     top: list[int] = attrs.field(factory=list)
+
+
+def tier_from_spec(spec: Any) -> Backend:
+    """A spec string or backend object is one tier; a list of them is one tier striped across them."""
+    if isinstance(spec, (list, tuple)):
+        if not spec:
+            raise ConfigError("a striped tier needs at least one backend")
+        striped: Backend = StripedBackend.from_specs(list(spec))
+        return striped
+    return backend_from_spec(spec)
 
 
 def _cut(sizes: Sequence[int], limit: int) -> list[list[int]]:
@@ -307,6 +320,17 @@ class TierSet:
         finally:
             if not fut.done():
                 fut.set_result(None)
+
+    async def delete_all(self, keys: list[bytes]) -> int:
+        """Delete ``keys`` from every tier; return how many were stored somewhere. A down tier is counted
+        (``delete_failures``), not raised: a delete from a cache only has to make the chunks unreadable
+        through the tiers that answer."""
+        removed: set[int] = set()
+        for t in range(len(self.tiers)):
+            for i, k in enumerate(keys):
+                if await self.delete_in(t, k):
+                    removed.add(i)
+        return len(removed)
 
     async def delete_in(self, t: int, key: bytes) -> bool:
         """Delete ``key`` from tier ``t``; a tier that fails is counted, not raised."""
