@@ -23,29 +23,20 @@ __all__ = ["JournalLayer"]
 
 
 class JournalLayer(SpaceLayer):
-    """The ring as the store reaches it, the metadata regions, and the journal writer task."""
+    """The transport as the store reaches it, the metadata regions, and the journal writer task."""
 
     def _oserror(self, err: int, what: str) -> BackendError:
         return BackendError(err, f"{what}: {os.strerror(err)}", self.path)
 
     async def _submit(self, ops: list[Op], what: str) -> list[int]:
-        """The one way the store reaches the ring: native and OS errors come out as BackendError."""
-        assert self._engine is not None
+        """The one way the store reaches the device: native and OS errors come out as BackendError."""
+        assert self._transport is not None
         with ssd_errors(self.path, what):
-            return await self._engine.submit(ops)
-
-    async def _probe_mem_align(self) -> int:
-        """Smallest memory alignment O_DIRECT accepts here (512 on most devices, 4096 on some)."""
-        assert self._bounce is not None and self._engine is not None
-        for align in (512, BLOCK):
-            (res,) = await self._submit([Op.read_iov(0, [(self._bounce.addr + align, BLOCK)])], "probe")
-            if res >= 0:
-                return align
-        return BLOCK
+            return await self._transport.submit(ops)
 
     async def _read_head(self, n: int) -> bytes:
         """The first ``n`` bytes (fewer if the file is shorter), zero-padded to ``n``."""
-        assert self._engine is not None
+        assert self._transport is not None
         size = fmt.align_up(max(n, BLOCK))
         buf = alloc_aligned(size, hugepages=False)
         try:
@@ -57,7 +48,7 @@ class JournalLayer(SpaceLayer):
             buf.close()
 
     async def _read_meta(self, offset: int, n: int) -> bytes | None:
-        assert self._engine is not None
+        assert self._transport is not None
         buf = alloc_aligned(fmt.align_up(n), hugepages=False)
         try:
             (res,) = await self._submit([Op.read_iov(offset, [(buffer_address(buf), fmt.align_up(n))])], "metadata read")
@@ -68,7 +59,7 @@ class JournalLayer(SpaceLayer):
             buf.close()
 
     async def _write_meta(self, offset: int, data: bytes) -> None:
-        assert self._engine is not None
+        assert self._transport is not None
         n = fmt.align_up(len(data))
         buf = alloc_aligned(n, hugepages=False)
         try:

@@ -17,33 +17,29 @@ from .errors import NotAPoolError, PoolDamagedError
 from .journal import JournalLayer
 from .space import Bounce
 from .state import BLOCK, log
-from .uring_engine import UringEngine
+from .uring_transport import UringTransport
 
 __all__ = ["OpenLayer"]
 
-_MAX_IO = 8 << 20  # upper bound of one request; lowered to the device's max_sectors_kb at open
 _LOCK_WAIT_S = 2.0
-
-
-def _device_max_io(st: os.stat_result, is_block: bool) -> int:
-    """Largest request worth issuing: the device's max_sectors_kb (the block layer splits anything larger,
-    and some devices -- throttled loop devices among them -- then serve the pieces at a fraction of the rate)."""
-    dev = st.st_rdev if is_block else st.st_dev
-    base = f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}"
-    for q in (f"{base}/queue/max_sectors_kb", f"{base}/../queue/max_sectors_kb"):  # disk, or a partition's disk
-        try:
-            with open(q) as f:
-                kb = int(f.read().strip())
-            return max(128 << 10, min(_MAX_IO, kb * 1024 // BLOCK * BLOCK))
-        except (OSError, ValueError):
-            continue
-    return _MAX_IO
 
 
 class OpenLayer(JournalLayer):
     """Open, format, recover-or-refuse, and release everything on failure or close."""
 
     async def _open_inner(self) -> None:
+        size, exists = await self._attach()
+        assert self._transport is not None
+        self._bounce = Bounce(self._transport, self._bounce_bytes)
+        self._max_io = max(BLOCK, min(self._max_io, self._transport.max_request_bytes) // BLOCK * BLOCK)
+        await self._load_or_format(size, exists=exists)
+        # probed once block 0 holds a superblock (an O_DIRECT read at EOF checks no alignment)
+        await self._transport.probe()
+        self._mem_align = self._transport.mem_align
+
+    async def _attach(self) -> tuple[int, bool]:
+        """Reach the device: here an O_DIRECT descriptor (locked) under an io_uring transport. Returns the
+        device's size and whether something existed at the path. Other transports override this."""
         path = self.path
         ro = self._readonly
         try:
@@ -55,7 +51,7 @@ class OpenLayer(JournalLayer):
         exists = st is not None
         self.is_block_device = bool(st and stat.S_ISBLK(st.st_mode))
         if st is not None and not (self.is_block_device or stat.S_ISREG(st.st_mode)):
-            raise ConfigError(f"uring://{path} is neither a regular file nor a block device")
+            raise ConfigError(f"{self.scheme}://{path} is neither a regular file nor a block device")
         if not exists and ro:
             raise self._oserror(errno_mod.ENOENT, f"{path} does not exist")
         flags = (os.O_RDONLY if ro else os.O_RDWR) | os.O_CLOEXEC | getattr(os, "O_DIRECT", 0)
@@ -63,7 +59,7 @@ class OpenLayer(JournalLayer):
             flags |= os.O_EXCL  # refuses a device that is mounted or held by another O_EXCL opener
         elif not exists:
             if self._req_capacity is None:
-                raise ConfigError(f"uring://{path}: a new pool file needs ?capacity=SIZE")
+                raise ConfigError(f"{self.scheme}://{path}: a new pool file needs ?capacity=SIZE")
             flags |= os.O_CREAT | os.O_EXCL  # we create it, or we treat it as something already there
         deadline = asyncio.get_running_loop().time() + _LOCK_WAIT_S
         err: OSError | None = None
@@ -97,14 +93,9 @@ class OpenLayer(JournalLayer):
         else:
             size = os.fstat(self._fd).st_size
 
-        self._engine = UringEngine(entries=self._entries, sqpoll=self._sqpoll)
-        self._engine.register_files([self._fd])
-        self._bounce = Bounce(self._bounce_bytes)
-        self._engine.register_buffers([self._bounce.buf])
-        self._max_io = _device_max_io(os.fstat(self._fd), self.is_block_device)
-        await self._load_or_format(size, exists=exists)
-        # probed once block 0 holds a superblock (an O_DIRECT read at EOF checks no alignment)
-        self._mem_align = await self._probe_mem_align()
+        self._transport = UringTransport(self._fd, path, entries=self._entries, sqpoll=self._sqpoll,
+                                         is_block_device=self.is_block_device)
+        return size, exists
 
     async def _load_or_format(self, size: int, *, exists: bool) -> None:
         """Recover the pool at the path, or format it if it is new (or the user asked): see the module doc."""
@@ -127,7 +118,7 @@ class OpenLayer(JournalLayer):
                 return
             if want is not None and want != geo.total:
                 raise ConfigError(
-                    f"uring://{path} holds a kvpool pool of {geo.total} bytes; opening it with capacity={want} "
+                    f"{self.scheme}://{path} holds a kvpool pool of {geo.total} bytes; opening it with capacity={want} "
                     f"would destroy it. Open it with capacity={geo.total} (or none) to keep its data, or add "
                     "?format=1 to reformat it (its objects are lost)"
                 )
@@ -158,16 +149,16 @@ class OpenLayer(JournalLayer):
         if self.is_block_device:
             total = capacity or size
             if total > size:
-                raise ConfigError(f"uring://{self.path}: capacity {total} exceeds the device's {size} bytes")
+                raise ConfigError(f"{self.scheme}://{self.path}: capacity {total} exceeds the device's {size} bytes")
         else:
             if capacity is None:
                 if size == 0:
-                    raise ConfigError(f"uring://{self.path}: a new pool file needs ?capacity=SIZE")
+                    raise ConfigError(f"{self.scheme}://{self.path}: a new pool file needs ?capacity=SIZE")
                 capacity = size
             total = capacity
         total -= total % BLOCK
         if total < 4 * fmt.BLOCK + 3 * 64 * 1024 + (1 << 20):
-            raise ConfigError(f"uring://{self.path}: capacity {total} is too small (at least 2 MiB)")
+            raise ConfigError(f"{self.scheme}://{self.path}: capacity {total} is too small (at least 2 MiB)")
         return total
 
     async def _lock(self, deadline: float) -> None:
@@ -239,9 +230,9 @@ class OpenLayer(JournalLayer):
             except Exception:
                 pass
             self._jtask = None
-        if self._engine is not None:
-            await self._engine.aclose()
-            self._engine = None
+        if self._transport is not None:
+            await self._transport.aclose()
+            self._transport = None
         if self._fd >= 0:
             # Unlock explicitly: a ring's registered-file reference can outlive close() for a moment, and
             # the flock belongs to the open file, not to this descriptor.

@@ -96,7 +96,7 @@ class ReadLayer(WriteLayer):
         return span
 
     async def _read_group(self, requests: Sequence[ReadRequest]) -> list[bool]:
-        assert self._engine is not None and self._bounce is not None and self._geo is not None
+        assert self._transport is not None and self._bounce is not None and self._geo is not None
         # reserve staging only for reads that will not go straight into the caller's memory
         need = sum(sp for sp in map(self._bounce_need, requests) if sp <= self._bounce.alloc.capacity)
         need = need if need <= self._bounce.alloc.capacity else 0
@@ -143,7 +143,7 @@ class ReadLayer(WriteLayer):
                     boff = res_base + cursor
                     cursor += span
                     plan = ReadPlan(i, r, e, r0, r1, [(self._bounce.addr + boff, span)], bounce=(boff, span))
-                    plan_ops = [Op.read_fixed(file_off + o, 0, boff + o, min(self._max_io, span - o))
+                    plan_ops = [Op.read_fixed(file_off + o, self._bounce.index, boff + o, min(self._max_io, span - o))
                                 for o in range(0, span, self._max_io)]
                     self.counters["bounce_reads"] += 1
                 plans.append(plan)

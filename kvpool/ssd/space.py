@@ -9,21 +9,24 @@ import torch
 
 from ..errors import CapacityError
 from ..storage.allocator import ExtentAllocator
-from ..storage.buffers import alloc_aligned, buffer_address
 from . import format as fmt
 from .state import BLOCK, StoreState
+from .transport import BlockTransport
 
 __all__ = ["Bounce", "SpaceLayer"]
 
 
 class Bounce:
-    """Registered, page-aligned staging memory, handed out in extents; waiters queue when it is full."""
+    """Staging memory the device reaches directly (registered with the ring for io_uring, inside the shared
+    region for vhost), handed out in extents; waiters queue when it is full. Its buffer index (``index``) is
+    what ``Op.*_fixed`` ops name."""
 
-    def __init__(self, nbytes: int) -> None:
-        self.buf = alloc_aligned(nbytes)
-        self.addr = buffer_address(self.buf)
+    def __init__(self, transport: BlockTransport, nbytes: int) -> None:
+        self.mem = transport.alloc(nbytes)
+        self.addr = self.mem.addr
         self.alloc = ExtentAllocator(nbytes, BLOCK)
-        self.tensor = torch.frombuffer(self.buf, dtype=torch.uint8)
+        self.tensor: torch.Tensor = self.mem.tensor
+        self.index = transport.register(self.mem)
         self._cond = asyncio.Condition()
 
     async def get(self, n: int) -> int:

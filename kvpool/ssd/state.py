@@ -1,4 +1,4 @@
-"""The state every part of the ``uring://`` store shares, declared once (the parts are layered classes:
+"""The state every part of the SSD object store (``uring://``, ``vhost://``) shares, declared once (the parts are layered classes:
 space -> journal -> opening -> write path -> read path -> :class:`~kvpool.ssd.store.UringBackend`; each file
 holds one of them and uses only the layers below it)."""
 
@@ -12,7 +12,7 @@ from ..storage.allocator import ExtentAllocator
 from ..storage.backend import Backend
 from ..storage.eviction import EvictionPolicy
 from . import format as fmt
-from .uring_engine import UringEngine
+from .transport import BlockTransport
 
 __all__ = ["BLOCK", "JournalItem", "StoreState", "log"]
 
@@ -40,7 +40,7 @@ class StoreState(Backend):
     _format_ok: bool
     _readonly: bool
     _fd: int
-    _engine: UringEngine | None
+    _transport: BlockTransport | None
     _geo: fmt.Geometry | None
     _alloc: ExtentAllocator | None
     _index: dict[bytes, fmt.Entry]

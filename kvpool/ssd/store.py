@@ -122,7 +122,7 @@ class UringBackend(PolicyHints, ReadLayer):
         if format and readonly:
             raise ConfigError(f"uring://{self.path}: format and readonly exclude each other")
         self._fd = -1
-        self._engine = None
+        self._transport = None
         self._bounce = None
         self._geo = None
         self._alloc = None
@@ -232,7 +232,7 @@ class UringBackend(PolicyHints, ReadLayer):
         if self._readonly:
             return
         await self._drain_journal()
-        assert self._engine is not None
+        assert self._transport is not None
         (res,) = await self._submit([Op.fsync()], "fdatasync")
         if res < 0:
             raise self._oserror(-res, "fdatasync failed")
@@ -307,6 +307,8 @@ class UringBackend(PolicyHints, ReadLayer):
             "objects": len(self._index),
             "mem_align": self._mem_align,
             "max_io": self._max_io,
+            **(self._transport.stats() if self._transport is not None else {}),
+            "mem_align": self._mem_align,
             "policy": self.policy.name,
             **self.counters,
         }

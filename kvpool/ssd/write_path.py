@@ -25,8 +25,10 @@ class WriteLayer(OpenLayer):
     """Writes, in groups whose staging fits the bounce buffer."""
 
     def _aligned(self, runs: list[tuple[int, int]]) -> bool:
-        a = self._mem_align
-        return self._direct and all(addr % a == 0 and n % 512 == 0 for addr, n in runs)
+        """Whether the device can move ``runs`` with no copy (the transport's rule: the DIO alignment for
+        io_uring, inside the shared region for vhost)."""
+        t = self._transport
+        return self._direct and t is not None and all(t.mem_ok(addr, n) for addr, n in runs)
 
     def _groups(self, sizes: list[int]) -> list[range]:
         """Split a batch so that each group's staging memory fits in half the bounce buffer."""
@@ -43,7 +45,7 @@ class WriteLayer(OpenLayer):
         return groups
 
     async def _write_group(self, items: Sequence[tuple[bytes, torch.Tensor]]) -> None:
-        assert self._engine is not None and self._bounce is not None
+        assert self._transport is not None and self._bounce is not None
         # One reservation of staging memory per group, taken atomically: groups never deadlock on it.
         need = sum(fmt.align_up(nbytes_of(s)) for _, s in items)
         need = need if need <= self._bounce.alloc.capacity else 0
@@ -93,7 +95,7 @@ class WriteLayer(OpenLayer):
                 if b is not None:
                     for o in range(0, b[1], self._max_io):
                         ln = min(self._max_io, b[1] - o)
-                        ops.append(Op.write_fixed(file_off + o, 0, b[0] + o, ln))
+                        ops.append(Op.write_fixed(file_off + o, self._bounce.index, b[0] + o, ln))
                 else:
                     ops.extend(self._iov_ops(Kind.WRITE, runs, file_off))
             results = await self._submit(ops, "write")
