@@ -25,6 +25,7 @@ __all__ = ["register_backend", "get_backend_class", "known_backends", "registry"
 _BUILTIN: dict[str, tuple[str, str | None]] = {
     "dram": ("kvpool.memory.dram:DRAMBackend", None),
     "uring": ("kvpool.ssd.store:UringBackend", None),
+    "vhost": ("kvpool.ssd.vhost_store:VhostBackend", None),
     "gpu": ("kvpool.memory.gpu:GPUBackend", None),
     "redis": ("kvpool.remote.redis:RedisBackend", "redis"),
     "rediss": ("kvpool.remote.redis:RedisBackend", "redis"),
