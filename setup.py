@@ -6,7 +6,9 @@ setup(
     ext_modules=[
         Extension(
             "kvpool._uring",
-            sources=["kvpool/native/uring.c"],
+            # the ring (no Python), op encoding (no Python), and the CPython glue over both
+            sources=["kvpool/native/uring_module.c", "kvpool/native/uring_ring.c", "kvpool/native/uring_ops.c"],
+            depends=["kvpool/native/uring_ring.h", "kvpool/native/uring_ops.h"],
             extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wno-unused-function"],
         ),
         Extension(
