@@ -28,72 +28,13 @@ from kvpool.ssd.vhost_transport import (
     parse_vhost_spec,
 )
 
-QSD = shutil.which("qemu-storage-daemon")
+from conftest import QSD, Daemon  # type: ignore[import-not-found]  # noqa: F401  (daemon fixture there)
 pytestmark = pytest.mark.skipif(
     QSD is None, reason="qemu-storage-daemon not installed (apt-get install qemu-system-common)"
 )
 
 MiB = 1 << 20
 IMAGE_BYTES = 64 * MiB
-
-
-class Daemon:
-    """One qemu-storage-daemon exporting ``image`` as vhost-user-blk on ``sock``."""
-
-    def __init__(self, image: Path, sock: Path, queues: int = 2) -> None:
-        self.image, self.sock, self.queues = image, sock, queues
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        assert QSD is not None
-        self.sock.unlink(missing_ok=True)
-        self.proc = subprocess.Popen(
-            [QSD,
-             "--blockdev", f"driver=file,node-name=f0,filename={self.image},cache.direct=on,aio=io_uring",
-             "--export", (f"type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path={self.sock},"
-                         f"writable=on,num-queues={self.queues}")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 10
-        while not self.sock.exists():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"qemu-storage-daemon exited: {self.proc.stderr.read()!r}")  # type: ignore[union-attr]
-            if time.monotonic() > deadline:
-                raise RuntimeError("qemu-storage-daemon did not create its socket")
-            time.sleep(0.01)
-
-    def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()  # SIGKILL also ends a stopped process; no SIGCONT, it would run first
-            self.proc.wait(10)
-        self.proc = None
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-
-@pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[Daemon]:
-    image = tmp_path / "disk.img"
-    with open(image, "wb") as f:
-        f.truncate(IMAGE_BYTES)
-    d = Daemon(image, tmp_path / "vhost.sock")
-    d.start()
-    try:
-        yield d
-    finally:
-        d.kill()
 
 
 @pytest.fixture(params=["eventfd", "poll"])
