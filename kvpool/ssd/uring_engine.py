@@ -41,6 +41,8 @@ __all__ = [
 OP_READ: Final[int] = int(_uring.OP_READ)
 OP_WRITE: Final[int] = int(_uring.OP_WRITE)
 OP_FSYNC: Final[int] = int(_uring.OP_FSYNC)
+#: (OP_CANCEL, user_data, 0, 0, target_user_data): IORING_OP_ASYNC_CANCEL of an op in flight
+OP_CANCEL: Final[int] = int(_uring.OP_CANCEL)
 
 #: what submit() takes: a typed op, or the raw tuple the ring parses
 AnyOp = Op | RawOp
@@ -48,6 +50,20 @@ AnyOp = Op | RawOp
 _U64_MASK: Final = (1 << 64) - 1
 _HUGE_2M: Final = 2 * 1024 * 1024
 _MAP_HUGETLB: Final = 0x40000
+
+
+_CANCEL_SUPPORTED: list[bool] = []
+
+
+def _async_cancel_supported() -> bool:
+    """Whether this kernel has IORING_OP_ASYNC_CANCEL (5.5+), probed once."""
+    if not _CANCEL_SUPPORTED:
+        try:
+            ops = cast(set[int], _uring.probe()["ops"])
+        except OSError:
+            ops = set()
+        _CANCEL_SUPPORTED.append(int(_uring.IORING_OP_ASYNC_CANCEL) in ops)
+    return _CANCEL_SUPPORTED[0]
 
 
 class _Ring(Protocol):
@@ -149,7 +165,8 @@ class UringEngine:
 
         The whole batch is validated before anything is queued (``TypeError`` /
         ``ValueError``).  If the awaiting task is cancelled, the ops not yet
-        handed to the kernel are dropped and the call waits, before it raises
+        handed to the kernel are dropped, those in the kernel are asked to stop
+        (IORING_OP_ASYNC_CANCEL, where the kernel has it), and the call waits, before it raises
         ``CancelledError``, until every op already in the kernel has completed:
         their buffers (often the caller's tensor) are no longer written to once
         the call has returned.
@@ -203,6 +220,7 @@ class UringEngine:
             if not batch.future.done():
                 batch.future.cancel()
             if batch.outstanding:
+                self._cancel_in_kernel(batch)
                 batch.drained = loop.create_future()
                 try:
                     await wait_uncancellable(batch.drained)
@@ -255,6 +273,35 @@ class UringEngine:
         loop.add_reader(self._ring.eventfd, self._on_ready)
         self._loop = loop
         return loop
+
+    def _cancel_in_kernel(self, batch: _Batch) -> None:
+        """Ask the kernel to cancel ``batch``'s ops still in flight (IORING_OP_ASYNC_CANCEL).
+
+        Best effort and only a speed-up: the caller still waits for every op's completion, which is what
+        guarantees that no op touches its memory afterwards. An op the kernel cannot stop any more (already
+        issued to the device) just completes normally. The cancels are tracked in ``_inflight`` under a batch
+        of their own, so their user_data are not reused while their completions are pending and the CQ
+        (twice the SQ) keeps room for them: at most one cancel per op in flight.
+        """
+        if not _async_cancel_supported():
+            return
+        targets = [ud for ud, (b, _) in self._inflight.items() if b is batch]
+        if not targets:
+            return
+        assert self._loop is not None  # ops in flight imply a bound loop
+        cancels = _Batch(len(targets), self._loop.create_future())
+        chunk: list[RawOp] = []
+        for j, target in enumerate(targets):
+            ud = self._alloc_user_data()
+            self._inflight[ud] = (cancels, j)
+            chunk.append((OP_CANCEL, ud, 0, 0, target))
+        try:
+            done = self._ring.submit(chunk)
+        except (OSError, ValueError, RuntimeError):
+            done = 0  # the ops will still complete on their own; waiting for them is what matters
+        for op in chunk[max(done, 0):]:
+            del self._inflight[op[1]]
+        cancels.outstanding = max(done, 0)
 
     def _alloc_user_data(self) -> int:
         ud = self._next_ud
