@@ -1,0 +1,293 @@
+"""The SSD object store over ``vhost://`` against real qemu-storage-daemon targets, no mocks.
+
+The whole conformance suite (raw hooks through ``os.pread`` of the image file: an independent channel), the
+cross-transport test (written over vhost, read over uring on the same image, and back), corruption, the
+target killed and restarted mid-restore, concurrent restores over several queues, and SIGKILL of the pool
+process mid-write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import QSD, Daemon, MiB, make_image  # type: ignore[import-not-found]
+from kvpool import BackendError, ConfigError
+from kvpool.ssd.store import UringBackend
+from kvpool.ssd.vhost_store import VhostBackend
+from kvpool.storage.backend import Backend, ReadRequest
+from kvpool.storage.registry import backend_from_spec
+from kvpool.testing import BackendTests
+from kvpool.testing.backend_tests import rand_bytes, rand_key
+
+sys.path.insert(0, str(Path(__file__).parent))
+from concurrent_writer import data_of, key_of, size_of  # noqa: E402
+
+pytestmark = pytest.mark.skipif(QSD is None, reason="qemu-storage-daemon not installed (qemu-system-common)")
+
+WRITER = str(Path(__file__).parent / "concurrent_writer.py")
+
+
+def _where(b: Backend, key: bytes) -> tuple[int, int] | None:
+    assert isinstance(b, UringBackend)
+    e = b._index.get(key)
+    if e is None or e.dead:
+        return None
+    assert b._geo is not None
+    return b._geo.d_off + e.offset, e.length
+
+
+def flip_byte(image: Path, pos: int) -> None:
+    fd = os.open(image, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        (v,) = os.pread(fd, 1, pos)
+        os.pwrite(fd, bytes([v ^ 0xFF]), pos)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class TestVhostConformance(BackendTests):
+    """Every BackendTests case over ``vhost://``: one daemon per image, the image read back with os.pread."""
+
+    queues = 2
+    poll = False
+    _daemons: dict[str, Daemon]
+
+    @pytest.fixture(autouse=True)
+    def _reap_daemons(self) -> Iterator[None]:
+        self._daemons = {}
+        yield
+        for d in self._daemons.values():
+            d.kill()
+
+    async def make_backend(self, tmp_path: Path, capacity: int) -> Backend:
+        tmp_path.mkdir(parents=True, exist_ok=True)
+        sock = str(tmp_path / "vhost.sock")
+        if sock not in self._daemons:  # the same tmp_path reopens the same image through the same target
+            d = Daemon(make_image(tmp_path / "disk.img", capacity + 256 * 1024), Path(sock), queues=self.queues)
+            d.start()
+            self._daemons[sock] = d
+        return backend_from_spec(f"vhost://{sock}?format=1&bounce=8MiB&timeout=5&poll={int(self.poll)}")
+
+    def _image(self, backend: Backend) -> Path:
+        assert isinstance(backend, VhostBackend)
+        return self._daemons[backend.path].image
+
+    async def get_raw(self, backend: Backend, key: bytes) -> bytes | None:
+        where = _where(backend, key)
+        if where is None:
+            return None
+        fd = os.open(self._image(backend), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return os.pread(fd, where[1], where[0])
+        finally:
+            os.close(fd)
+
+    async def corrupt_raw(self, backend: Backend, key: bytes) -> None:
+        where = _where(backend, key)
+        assert where is not None
+        flip_byte(self._image(backend), where[0] + where[1] // 2)
+
+
+class TestVhostPollConformance(TestVhostConformance):
+    """The same contract with completions busy-polled (``?poll=1``)."""
+
+    poll = True
+
+
+# --- spec, capacity, cross-transport ------------------------------------------------------------------------
+
+
+async def test_spec_capacity_bounds_the_device(daemon: Daemon) -> None:
+    b = backend_from_spec(f"vhost://{daemon.sock}?capacity=32MiB&format=1&queues=1")
+    assert isinstance(b, VhostBackend)
+    async with b:
+        assert b.geometry is not None and b.geometry.total == 32 * MiB
+        assert b.stats()["transport"] == "vhost" and b.stats()["queues"] == 1
+    with pytest.raises(ConfigError, match="exceeds"):
+        async with backend_from_spec(f"vhost://{daemon.sock}?capacity=1GiB&format=1"):
+            pass
+    with pytest.raises(ConfigError, match="unknown option"):
+        backend_from_spec(f"vhost://{daemon.sock}?capacty=1GiB")
+
+
+async def test_unformatted_device_is_refused(daemon: Daemon) -> None:
+    from kvpool.ssd.errors import NotAPoolError
+
+    with pytest.raises(NotAPoolError):
+        async with backend_from_spec(f"vhost://{daemon.sock}"):
+            pass
+
+
+async def test_cross_transport(tmp_path: Path) -> None:
+    """Formatted and written over vhost, read (and written) over uring on the image file, and back."""
+    image = make_image(tmp_path / "disk.img", 64 * MiB)
+    d = Daemon(image, tmp_path / "v.sock")
+    objs_v = {rand_key(): rand_bytes(n) for n in (4096, 3 * MiB + 17, 1 * MiB)}
+    objs_u = {rand_key(): rand_bytes(n) for n in (8192, 2 * MiB + 5)}
+    d.start()
+    try:
+        async with backend_from_spec(f"vhost://{d.sock}?format=1&bounce=8MiB") as vb:
+            for k, v in objs_v.items():
+                await vb.write(k, v)
+    finally:
+        d.kill()
+    async with UringBackend(image) as ub:  # no daemon now: nothing else has the image open
+        for k, v in objs_v.items():
+            out = torch.empty_like(v)
+            assert await ub.read_into(k, out) and torch.equal(out, v)
+        for k, v in objs_u.items():
+            await ub.write(k, v)
+        await ub.delete(next(iter(objs_v)))
+    d.start()
+    try:
+        async with backend_from_spec(f"vhost://{d.sock}") as vb:
+            assert len(vb) == len(objs_v) - 1 + len(objs_u)
+            for k, v in list(objs_v.items())[1:] + list(objs_u.items()):
+                out = torch.empty_like(v)
+                assert await vb.read_into(k, out) and torch.equal(out, v)
+            assert not await vb.contains(next(iter(objs_v)))
+    finally:
+        d.kill()
+
+
+async def test_corruption_is_a_miss(daemon: Daemon) -> None:
+    async with backend_from_spec(f"vhost://{daemon.sock}?format=1&bounce=8MiB") as b:
+        k, v = rand_key(), rand_bytes(2 * MiB)
+        await b.write(k, v)
+        where = _where(b, k)
+        assert where is not None
+        flip_byte(daemon.image, where[0] + 12345)
+        out = torch.zeros_like(v)
+        assert await b.read_into(k, out) is False
+        assert b.stats()["corrupt"] == 1
+        # the other parts of the object still verify: a range read outside the flipped part is data
+        part = torch.empty(4096, dtype=torch.uint8)
+        assert await b.read_into(k, part, 2 * MiB - 4096)
+        assert torch.equal(part, v[-4096:])
+
+
+# --- faults ----------------------------------------------------------------------------------------------
+
+
+async def test_target_killed_and_restarted_mid_restore(daemon: Daemon) -> None:
+    b = backend_from_spec(f"vhost://{daemon.sock}?format=1&bounce=16MiB&timeout=1")
+    assert isinstance(b, VhostBackend)
+    async with b:
+        objs = {rand_key(): rand_bytes(1 * MiB) for _ in range(12)}
+        for k, v in objs.items():
+            await b.write(k, v)  # acknowledged: on the image before write returns
+        outs = {k: torch.zeros_like(v) for k, v in objs.items()}
+        daemon.signal(signal.SIGSTOP)  # the restore below is in flight when the target dies
+        t0 = time.monotonic()
+        task = asyncio.ensure_future(b.read_many([ReadRequest(k, o) for k, o in outs.items()]))
+        await asyncio.sleep(0.2)
+        daemon.kill()
+        res = await task
+        assert time.monotonic() - t0 < 3  # bounded by the deadline, never a hang
+        assert not any(res)  # misses, not exceptions, not data
+        t = b.transport
+        assert t is not None and t.counters["faults"] >= 1
+        with pytest.raises(BackendError):  # writes while the target is down fail (the pool skips the tier)
+            await b.write(rand_key(), rand_bytes(4096))
+        t1 = time.monotonic()
+        assert await b.read_into(next(iter(objs)), torch.empty(1 * MiB, dtype=torch.uint8)) is False
+        assert time.monotonic() - t1 < 2.5  # a call while it is down fails fast (one bounded attempt at most)
+        daemon.start()
+        deadline = time.monotonic() + 10
+        ok = False
+        while not ok and time.monotonic() < deadline:  # the next call after the back-off reconnects
+            ok = await b.read_into(next(iter(objs)), outs[next(iter(objs))])
+            if not ok:
+                await asyncio.sleep(0.1)
+        assert ok and t.counters["reconnects"] >= 1
+        res = await b.read_many([ReadRequest(k, o) for k, o in outs.items()])
+        assert all(res)
+        for k, v in objs.items():
+            assert torch.equal(outs[k], v)  # acknowledged bytes intact after the reconnect
+        k2, v2 = rand_key(), rand_bytes(64 * 1024)
+        await b.write(k2, v2)  # and the tier takes writes again
+    async with backend_from_spec(f"vhost://{daemon.sock}") as b2:  # and all of it survives a reopen
+        assert len(b2) == len(objs) + 1
+
+
+async def test_concurrent_restores_over_queues(tmp_path: Path) -> None:
+    d = Daemon(make_image(tmp_path / "disk.img", 128 * MiB), tmp_path / "v.sock", queues=4)
+    d.start()
+    try:
+        b = backend_from_spec(f"vhost://{d.sock}?format=1&bounce=32MiB&queues=4")
+        assert isinstance(b, VhostBackend)
+        async with b:
+            objs = {rand_key(): rand_bytes(2 * MiB) for _ in range(24)}
+            await b.write_many(list(objs.items()))
+            keys = list(objs)
+            random.Random(1).shuffle(keys)
+            outs = {k: torch.empty(2 * MiB, dtype=torch.uint8) for k in keys}
+
+            async def restore(ks: list[bytes]) -> list[bool]:
+                return await b.read_many([ReadRequest(k, outs[k]) for k in ks])
+
+            parts = await asyncio.gather(*(restore(keys[i::6]) for i in range(6)))
+            assert all(all(p) for p in parts)
+            for k, v in objs.items():
+                assert torch.equal(outs[k], v)
+            t = b.transport
+            assert t is not None and t.raw.num_queues == 4
+            reaped = [t.raw.queue_info(q)["reaped"] for q in range(4)]
+            assert sum(1 for r in reaped if r > 0) >= 2, reaped  # the requests spread over the queues
+    finally:
+        d.kill()
+
+
+# --- SIGKILL of the pool process mid-write ----------------------------------------------------------------
+
+
+def _run_and_kill(spec: str, run: int, kill_after: int) -> set[int]:
+    proc = subprocess.Popen([sys.executable, WRITER, spec, str(run), "16", "600"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    acked: set[int] = set()
+    assert proc.stdout is not None
+    deadline = time.time() + 60
+    try:
+        while len(acked) < kill_after and time.time() < deadline:
+            line = proc.stdout.readline()
+            if not line or line.startswith("done"):
+                break
+            acked.add(int(line.split()[2]))
+        os.kill(proc.pid, signal.SIGKILL)
+        for line in proc.stdout.read().splitlines():
+            if line.startswith("ack"):
+                acked.add(int(line.split()[2]))
+    finally:
+        proc.kill()
+        proc.wait()
+    return acked
+
+
+async def test_sigkill_mid_write_keeps_acknowledged_puts(tmp_path: Path) -> None:
+    d = Daemon(make_image(tmp_path / "disk.img", 16 * MiB), tmp_path / "v.sock")
+    d.start()
+    try:
+        spec = f"vhost://{d.sock}?format=1&bounce=4MiB"
+        for run, kill_after in enumerate((40, 250)):
+            # the target notices the killed frontend and waits for the next one on the same socket
+            acked = await asyncio.to_thread(_run_and_kill, spec, run, kill_after)
+            assert len(acked) >= kill_after
+            async with backend_from_spec(spec) as b:
+                for i in sorted(acked):
+                    out = torch.empty(size_of(i), dtype=torch.uint8)
+                    assert await b.read_into(key_of(run, i), out), f"acknowledged put {i} of run {run} lost"
+                    assert torch.equal(out, data_of(run, i))
+    finally:
+        d.kill()
