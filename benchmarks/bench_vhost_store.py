@@ -1,0 +1,184 @@
+"""``pool.get`` restores over ``vhost://`` beside ``uring://`` on the same backing file, same run (issue 12).
+
+One pool file is filled once (over ``uring://``), then restored by a freshly opened ``KVPool`` per case, page
+cache dropped before every timed restore:
+
+  uring           ``uring://FILE`` (io_uring, O_DIRECT in the kvpool process)
+  vhost eventfd   ``vhost://SOCK`` to a qemu-storage-daemon on FILE (``cache.direct=on,aio=io_uring``),
+                  completions through the call eventfds
+  vhost poll      the same with ``?poll=1``
+
+Reported per case: GB/s, the kvpool process's CPU-s/GB (getrusage RUSAGE_SELF, usr+sys) and, for vhost, the
+daemon's CPU-s/GB (/proc/PID/stat). qemu-storage-daemon's own data path is the kernel's (it stands in for
+SPDK's protocol, not for SPDK's NVMe driver), so the vhost GB/s here is bounded by that daemon on this disk.
+
+    python benchmarks/bench_vhost_store.py [--dir /var/tmp] [--prompts 6] [--chunks 4] [--repeat 2]
+
+Needs root for drop_caches and qemu-storage-daemon on PATH. Writes benchmarks/results/vhost_store.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+from _util import save  # noqa: E402
+
+import kvpool  # noqa: E402
+
+MiB, GB = 1 << 20, 1e9
+CLK = os.sysconf("SC_CLK_TCK")
+
+
+def drop_caches() -> None:
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError:
+        print("warning: cannot drop caches (not root?)", file=sys.stderr)
+
+
+def cpu_self() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def cpu_pid(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK
+
+
+def layout() -> kvpool.KVLayout:
+    return kvpool.KVLayout(num_layers=32, num_kv_heads=8, head_dim=128, dtype=torch.float16, chunk_tokens=256)
+
+
+def prompts_of(n: int, chunks: int) -> list[np.ndarray]:
+    T = chunks * layout().chunk_tokens
+    return [np.arange(T, dtype=np.int64) + i * 1_000_000 for i in range(n)]
+
+
+async def fill(spec: str, prompts: list[np.ndarray], chunks: int) -> None:
+    T = chunks * layout().chunk_tokens
+    async with await kvpool.KVPool.open(layout=layout(), model_id="bench-vhost", backends=[spec]) as pool:
+        kv = torch.randn(layout().kv_shape(T), dtype=torch.float16)
+        for i, p in enumerate(prompts):
+            kv[:, :, :, 0, 0] = float(i)
+            await pool.put(p, kv)
+        await pool.flush()
+        for p in prompts:
+            assert await pool.lookup(p) == T
+
+
+async def restore(spec: str, prompts: list[np.ndarray], chunks: int, daemon_pid: int | None) -> dict[str, Any]:
+    T = chunks * layout().chunk_tokens
+    total = len(prompts) * chunks * layout().chunk_nbytes
+    pool = await kvpool.KVPool.open(layout=layout(), model_id="bench-vhost", backends=[spec])
+    try:
+        await pool.ready()
+        drop_caches()
+        tier = pool.tiers[0]
+        s0 = tier.stats()
+        c0, d0 = cpu_self(), cpu_pid(daemon_pid) if daemon_pid else 0.0
+        t0 = time.perf_counter()
+        got = await asyncio.gather(*(pool.get(p) for p in prompts))
+        dt = time.perf_counter() - t0
+        c1, d1 = cpu_self(), cpu_pid(daemon_pid) if daemon_pid else 0.0
+        s1 = tier.stats()
+        for i, x in enumerate(got):
+            assert x is not None and x.shape[2] == T and bool((x[:, :, :, 0, 0] == float(i)).all()), "wrong bytes"
+        del got
+        gc.collect()
+        out = {"s": dt, "GBps": total / dt / GB, "cpu_s_per_GB": (c1 - c0) / (total / GB),
+               "direct": s1["direct_reads"] - s0["direct_reads"], "bounce": s1["bounce_reads"] - s0["bounce_reads"],
+               "misses": s1["misses"] - s0["misses"]}
+        if daemon_pid:
+            out["daemon_cpu_s_per_GB"] = (d1 - d0) / (total / GB)
+        return out
+    finally:
+        await pool.close()
+
+
+def start_daemon(image: Path, sock: Path, queues: int) -> subprocess.Popen[bytes]:
+    sock.unlink(missing_ok=True)
+    p = subprocess.Popen(
+        ["qemu-storage-daemon", "--blockdev",
+         f"driver=file,node-name=f0,filename={image},cache.direct=on,aio=io_uring",
+         "--export", f"type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path={sock},writable=on,"
+         f"num-queues={queues}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while not sock.exists():
+        if p.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("qemu-storage-daemon did not start")
+        time.sleep(0.01)
+    return p
+
+
+def med(runs: list[dict[str, Any]], k: str) -> float:
+    return statistics.median(r[k] for r in runs)
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dir", default="/var/tmp")
+    ap.add_argument("--prompts", type=int, default=6)
+    ap.add_argument("--chunks", type=int, default=4)
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--queues", type=int, default=2)
+    ap.add_argument("--bounce", default="256MiB")
+    args = ap.parse_args()
+    if shutil.which("qemu-storage-daemon") is None:
+        sys.exit("qemu-storage-daemon not on PATH (apt-get install qemu-system-common)")
+    work = Path(tempfile.mkdtemp(dir=args.dir, prefix="kvpool-vhost-"))
+    image, sock = work / "pool.img", work / "vhost.sock"
+    prompts = prompts_of(args.prompts, args.chunks)
+    total = args.prompts * args.chunks * layout().chunk_nbytes
+    capacity = total + total // 4 + 64 * MiB
+    try:
+        await fill(f"uring://{image}?capacity={capacity}&format=1", prompts, args.chunks)
+        cases: dict[str, list[dict[str, Any]]] = {"uring": [], "vhost_eventfd": [], "vhost_poll": []}
+        for _ in range(args.repeat):  # interleaved, so drift in the disk hits every case alike
+            cases["uring"].append(await restore(f"uring://{image}?bounce={args.bounce}", prompts, args.chunks, None))
+            for mode, poll in (("vhost_eventfd", 0), ("vhost_poll", 1)):
+                d = start_daemon(image, sock, args.queues)
+                try:
+                    spec = f"vhost://{sock}?poll={poll}&bounce={args.bounce}&queues={args.queues}"
+                    cases[mode].append(await restore(spec, prompts, args.chunks, d.pid))
+                finally:
+                    d.kill()
+                    d.wait()
+        summary = {k: {m: med(v, m) for m in v[0] if isinstance(v[0][m], float)} for k, v in cases.items()}
+        for k in ("vhost_eventfd", "vhost_poll"):
+            summary[k]["x_uring_GBps"] = summary[k]["GBps"] / summary["uring"]["GBps"]
+        res = {"bytes": total, "prompts": args.prompts, "chunks": args.chunks, "queues": args.queues,
+               "bounce": args.bounce, "daemon": "qemu-storage-daemon cache.direct=on aio=io_uring",
+               "summary": summary, "runs": cases}
+        path = save("vhost_store", res)
+        print(f"{'case':<15}{'GB/s':>8}{'x uring':>9}{'CPU-s/GB':>10}{'daemon CPU-s/GB':>17}")
+        for k, s in summary.items():
+            print(f"{k:<15}{s['GBps']:>8.2f}{s.get('x_uring_GBps', 1.0):>9.2f}{s['cpu_s_per_GB']:>10.3f}"
+                  f"{s.get('daemon_cpu_s_per_GB', float('nan')):>17.3f}")
+        print(f"wrote {path}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
