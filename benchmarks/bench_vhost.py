@@ -48,7 +48,7 @@ sys.path.insert(0, str(REPO))  # measure the checkout this file lives in
 from _util import save
 
 from kvpool.ssd.vhost_transport import VhostBlkTransport, VhostOp
-from kvpool.uring_engine import OP_READ, UringEngine, alloc_aligned, buffer_address
+from kvpool.ssd.uring_engine import OP_READ, UringEngine, alloc_aligned, buffer_address
 
 MiB = 1 << 20
 CLK = os.sysconf("SC_CLK_TCK")

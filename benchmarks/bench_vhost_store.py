@@ -90,7 +90,9 @@ async def fill(spec: str, prompts: list[np.ndarray], chunks: int) -> None:
 async def restore(spec: str, prompts: list[np.ndarray], chunks: int, daemon_pid: int | None) -> dict[str, Any]:
     T = chunks * layout().chunk_tokens
     total = len(prompts) * chunks * layout().chunk_nbytes
-    pool = await kvpool.KVPool.open(layout=layout(), model_id="bench-vhost", backends=[spec])
+    # the staging arena holds every result: no request falls back to fresh (first-touch) memory
+    cfg = {"staging_bytes": total + 256 * MiB}
+    pool = await kvpool.KVPool.open(layout=layout(), model_id="bench-vhost", backends=[spec], config=cfg)
     try:
         await pool.ready()
         drop_caches()
@@ -131,6 +133,21 @@ def start_daemon(image: Path, sock: Path, queues: int) -> subprocess.Popen[bytes
     return p
 
 
+def reserve_hugepages(n: int) -> int:
+    """Make at least ``n`` 2 MiB pages available (root); the number free afterwards."""
+    p = Path("/proc/sys/vm/nr_hugepages")
+    try:
+        have = int(p.read_text())
+        if have < n:
+            p.write_text(f"{n}\n")
+    except OSError:
+        pass
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("HugePages_Free:"):
+            return int(line.split()[1])
+    return 0
+
+
 def med(runs: list[dict[str, Any]], k: str) -> float:
     return statistics.median(r[k] for r in runs)
 
@@ -142,7 +159,10 @@ async def main() -> None:
     ap.add_argument("--chunks", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--queues", type=int, default=2)
-    ap.add_argument("--bounce", default="256MiB")
+    ap.add_argument("--bounce", default="96MiB")
+    ap.add_argument("--hugepages", type=int, default=1024,
+                    help="2 MiB huge pages to reserve (the pool's staging arena takes them first, then the shared "
+                    "region; 0: ordinary memory only)")
     args = ap.parse_args()
     if shutil.which("qemu-storage-daemon") is None:
         sys.exit("qemu-storage-daemon not on PATH (apt-get install qemu-system-common)")
@@ -153,22 +173,32 @@ async def main() -> None:
     capacity = total + total // 4 + 64 * MiB
     try:
         await fill(f"uring://{image}?capacity={capacity}&format=1", prompts, args.chunks)
-        cases: dict[str, list[dict[str, Any]]] = {"uring": [], "vhost_eventfd": [], "vhost_poll": []}
+        old_huge = int(Path("/proc/sys/vm/nr_hugepages").read_text())
+        huge = reserve_hugepages(args.hugepages) if args.hugepages else 0
+        modes = [("vhost_eventfd", "poll=0&hugetlb=0")]
+        if huge:
+            # qemu-storage-daemon's O_DIRECT on ordinary memfd pages pins and maps them per request (slow);
+            # on huge pages it does not, and SPDK needs them anyway (iova=pa)
+            modes = [("vhost_eventfd", "poll=0&hugetlb=1"), ("vhost_poll", "poll=1&hugetlb=1"),
+                     ("vhost_eventfd_4k_pages", "poll=0&hugetlb=0")]
+        else:
+            modes.append(("vhost_poll", "poll=1&hugetlb=0"))
+        cases: dict[str, list[dict[str, Any]]] = {"uring": [], **{m: [] for m, _ in modes}}
         for _ in range(args.repeat):  # interleaved, so drift in the disk hits every case alike
             cases["uring"].append(await restore(f"uring://{image}?bounce={args.bounce}", prompts, args.chunks, None))
-            for mode, poll in (("vhost_eventfd", 0), ("vhost_poll", 1)):
+            for mode, opts in modes:
                 d = start_daemon(image, sock, args.queues)
                 try:
-                    spec = f"vhost://{sock}?poll={poll}&bounce={args.bounce}&queues={args.queues}"
+                    spec = f"vhost://{sock}?{opts}&bounce={args.bounce}&queues={args.queues}"
                     cases[mode].append(await restore(spec, prompts, args.chunks, d.pid))
                 finally:
                     d.kill()
                     d.wait()
         summary = {k: {m: med(v, m) for m in v[0] if isinstance(v[0][m], float)} for k, v in cases.items()}
-        for k in ("vhost_eventfd", "vhost_poll"):
+        for k in cases:
             summary[k]["x_uring_GBps"] = summary[k]["GBps"] / summary["uring"]["GBps"]
         res = {"bytes": total, "prompts": args.prompts, "chunks": args.chunks, "queues": args.queues,
-               "bounce": args.bounce, "daemon": "qemu-storage-daemon cache.direct=on aio=io_uring",
+               "bounce": args.bounce, "hugepages_reserved": huge, "daemon": "qemu-storage-daemon cache.direct=on aio=io_uring",
                "summary": summary, "runs": cases}
         path = save("vhost_store", res)
         print(f"{'case':<15}{'GB/s':>8}{'x uring':>9}{'CPU-s/GB':>10}{'daemon CPU-s/GB':>17}")
@@ -178,6 +208,11 @@ async def main() -> None:
         print(f"wrote {path}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        if args.hugepages:
+            try:
+                Path("/proc/sys/vm/nr_hugepages").write_text(f"{old_huge}\n")
+            except (OSError, NameError):
+                pass
 
 
 if __name__ == "__main__":
