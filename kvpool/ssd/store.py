@@ -5,9 +5,14 @@ PATH is a regular file (created and preallocated; ``capacity`` bounds its size) 
 and the commit protocol): extents aligned to 4 KiB, free-space reuse, a journal and two checkpoint slots,
 no per-object files and no filesystem metadata call on the data path.
 
+The store reaches its device only through a :class:`~kvpool.ssd.transport.BlockTransport`: here
+:class:`~kvpool.ssd.uring_transport.UringTransport`; :class:`~kvpool.ssd.vhost_store.VhostBackend`
+(``vhost://``) is this same store over a vhost-user-blk target (same on-disk layout).
+
 Data path. A read of an object range becomes one READV straight into the caller's tensor when its memory is
-aligned for O_DIRECT (the strided chunk view of a ``[L, 2, T, H, D]`` tensor is 2L runs = 2L iovecs, one
-SQE); otherwise it goes through registered bounce buffers (READ_FIXED) and one ``copy_``. Every request of a
+aligned as the device's DIO rule asks (``statx`` STATX_DIOALIGN, else sysfs ``dma_alignment``;
+``stats()['mem_align']``) -- the strided chunk view of a ``[L, 2, T, H, D]`` tensor is 2L runs = 2L iovecs,
+one SQE; otherwise it goes through registered bounce buffers (READ_FIXED) and one ``copy_``. Every request of a
 batch is queued before a single ``io_uring_enter``; completions arrive on the event loop through an eventfd.
 Each object carries per-part xxh3 checksums seeded with its key, verified after every read: a mismatch or an
 I/O error is a miss (counted), never data.
