@@ -142,6 +142,9 @@ class PoolConfig:
         reused for the tensors :meth:`KVPool.get`/:meth:`KVPool.stream` return, :meth:`KVPool.empty`, and
         promotion/write-back copies, so no request pays first-touch page faults. ``None`` (default): 16 chunks
         of the layout, at least 64 MiB and at most 1 GiB. Size it to the bytes of results callers hold at once.
+    staging_overflow_bytes
+        Result memory beyond the staging arena, for restores larger than it was sized for: faulted in on first
+        use (so an undersized arena costs first-touch faults once), then reused; bounded; 0 disables.
     staging_wait_s
         How long a request waits for staging memory that other callers still hold before it is served from
         fresh memory instead (counted as ``staging_fallbacks``; a deadlock guard for callers that hold results
@@ -162,6 +165,7 @@ class PoolConfig:
     write_policy: str = attrs.field(default="write-through", validator=_write_policy)
     promote_on_hit: bool = True
     staging_bytes: int | None = attrs.field(default=None, validator=attrs.validators.optional(_positive))
+    staging_overflow_bytes: int = 2 << 30
     staging_wait_s: float = 1.0
     io_max_inflight: int = 32
     io_max_inflight_bytes: int = 256 << 20

@@ -90,7 +90,7 @@ class KVPool:
         # The pool's own host memory, populated now (in a background thread) rather than on a request's data
         # path; results feed host-to-device copies, so it is page-locked once when CUDA is present.
         self._staging = StagingArena(
-            config.staging_bytes or default_staging_bytes(layout),
+            config.staging_bytes or default_staging_bytes(layout), overflow_bytes=config.staging_overflow_bytes,
             on_ready=register_host_memory if torch.cuda.is_available() else None,
         )
         # write-back, promotion and prefetch, each bounded in bytes

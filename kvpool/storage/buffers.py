@@ -169,6 +169,14 @@ class RecyclingArena:
         return sum(len(m) for m, _ in self._segments)
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        t = self.try_empty(shape, dtype)
+        if t is None:
+            self.fallbacks += 1
+            return aligned_empty(shape, dtype)
+        return t
+
+    def try_empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+        """Like :meth:`empty`, but ``None`` instead of fresh memory when the arena is at its limit."""
         n = torch.empty((), dtype=dtype).element_size()
         for d in shape:
             n *= d
@@ -182,8 +190,7 @@ class RecyclingArena:
                     return self._hand_out(seg, alloc, off, n, shape, dtype)
             size = max(self.segment, -(-n // HUGE_PAGE) * HUGE_PAGE)
             if self.reserved + size > self.limit:
-                self.fallbacks += 1
-                return aligned_empty(shape, dtype)
+                return None
             seg = alloc_aligned(size)
             if self._on_new_segment is not None:
                 self._on_new_segment(seg)

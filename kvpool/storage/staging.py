@@ -9,7 +9,10 @@ kernel serves a huge page at a time), optionally page-locked once for CUDA, and 
 
 - only memory that is already populated is handed out, so no request pays first-touch faults;
 - a tensor handed out comes back when the caller drops it (a finalizer, from whichever thread drops it);
-- when the arena is exhausted, :meth:`acquire` waits for memory to come back (back-pressure). Two cases
+- beyond the arena, an optional bounded *overflow* (:class:`~kvpool.storage.buffers.RecyclingArena`: faulted
+  in on first use, then reused) serves restores larger than the arena was sized for, so an undersized arena
+  costs first-touch faults once, not on every request;
+- when both are exhausted, :meth:`acquire` waits for memory to come back (back-pressure). Two cases
   are served from a fresh aligned mapping instead, each counted and logged once naming the setting to raise:
   a request larger than the whole arena (``oversize``: it could never fit), and a wait longer than
   ``wait_s`` (``fallbacks``: the guard against a caller that holds results while it asks for more, which
@@ -33,7 +36,7 @@ import torch
 
 from ..layout import KVLayout
 from .allocator import ExtentAllocator
-from .buffers import HUGE_PAGE, aligned_empty, alloc_aligned
+from .buffers import HUGE_PAGE, RecyclingArena, aligned_empty, alloc_aligned
 
 __all__ = ["StagingArena", "default_staging_bytes"]
 
@@ -72,7 +75,8 @@ class StagingArena:
         populating thread.
     """
 
-    def __init__(self, nbytes: int, *, on_ready: Callable[[mmap.mmap], object] | None = None) -> None:
+    def __init__(self, nbytes: int, *, overflow_bytes: int = 0,
+                 on_ready: Callable[[mmap.mmap], object] | None = None) -> None:
         if nbytes <= 0:
             raise ValueError(f"a staging arena needs a positive size, got {nbytes}")
         self.nbytes = -(-nbytes // HUGE_PAGE) * HUGE_PAGE
@@ -86,6 +90,9 @@ class StagingArena:
         self._lock = threading.Lock()
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self._on_ready = on_ready
+        self._overflow = (RecyclingArena(overflow_bytes, segment=min(256 << 20, overflow_bytes), on_new_segment=on_ready)
+                          if overflow_bytes > 0 else None)
+        self.overflowed = 0
         self._ready = threading.Event()
         self._closed = False
         self.populate_seconds: float | None = None
@@ -175,6 +182,11 @@ class StagingArena:
         """
         n = _nbytes(shape, dtype)
         if -(-n // HUGE_PAGE) * HUGE_PAGE > self.nbytes:
+            if self._overflow is not None:
+                t = self._overflow.try_empty(shape, dtype)
+                if t is not None:
+                    self.overflowed += 1
+                    return t
             self.oversize += 1
             self._warn_once("oversize", f"a {n >> 20} MiB request exceeds the {self.nbytes >> 20} MiB staging arena")
             return aligned_empty(shape, dtype)
@@ -194,9 +206,17 @@ class StagingArena:
             log.warning("%s: served from fresh memory (slow first touch); raise PoolConfig.staging_bytes or "
                         "restore with get_into/stream into memory you keep", msg)
 
+    def _try_any(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+        t = self.try_empty(shape, dtype)
+        if t is None and self._overflow is not None:
+            t = self._overflow.try_empty(shape, dtype)
+            if t is not None:
+                self.overflowed += 1
+        return t
+
     async def _acquire(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         while True:
-            t = self.try_empty(shape, dtype)
+            t = self._try_any(shape, dtype)
             if t is not None:
                 return t
             loop = asyncio.get_running_loop()
@@ -205,7 +225,7 @@ class StagingArena:
                 self._waiters.append((loop, fut))
             self.waits += 1
             # memory may have come back between the failed try and registering: try once more before waiting
-            t = self.try_empty(shape, dtype)
+            t = self._try_any(shape, dtype)
             if t is not None:
                 with self._lock:
                     if (loop, fut) in self._waiters:
@@ -246,6 +266,8 @@ class StagingArena:
             "waits": self.waits,
             "oversize": self.oversize,
             "fallbacks": self.fallbacks,
+            "overflowed": self.overflowed,
+            "overflow_bytes": self._overflow.reserved if self._overflow is not None else 0,
         }
 
     def __repr__(self) -> str:

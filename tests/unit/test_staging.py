@@ -111,3 +111,19 @@ async def test_cancelled_wait_leaves_no_waiter() -> None:
         await w
     assert not a._waiters
     del held
+
+
+async def test_overflow_serves_beyond_the_arena_and_is_reused() -> None:
+    a = StagingArena(2 * MiB, overflow_bytes=16 * MiB)
+    await a.wait_ready()
+    held = await a.acquire((2 * MiB,), torch.uint8)
+    x = await a.acquire((4 * MiB,), torch.uint8, wait_s=5)  # no wait: the overflow has room
+    assert not a.contains(x.data_ptr(), 1) and a.overflowed == 1 and a.fallbacks == 0
+    ptr = x.data_ptr()
+    del x
+    gc.collect()
+    y = await a.acquire((4 * MiB,), torch.uint8, wait_s=5)
+    assert y.data_ptr() == ptr  # reused, not fresh memory
+    big = await a.acquire((8 * MiB,), torch.uint8)  # larger than the arena itself: overflow too
+    assert a.oversize == 0 and a.overflowed == 3
+    del held, y, big
