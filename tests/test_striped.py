@@ -487,6 +487,26 @@ async def test_probe_cache_dir_and_skip_without_room(tmp_path: Path) -> None:
     assert probe.cache_path(u) == Path(str(tmp_path / "p") + ".bw.json")
 
 
+async def test_probe_at_reopen_never_evicts_stored_objects(tmp_path: Path) -> None:
+    """Issue 15.1: a reopened striped tier probed its children while they held data; the probe's large
+    objects did not fit the fragmented free space, the child evicted, and acknowledged objects were gone."""
+    child = tmp_path / "a.kv"
+    keys = [rand_key() for _ in range(1000)]  # 8 KiB pieces + 4 KiB records: 12 of the 16 MiB
+    async with StripedBackend([UringBackend(child, 16 * MiB)], probe=False) as b:
+        for k in keys:
+            await b.write(k, torch.full((8 * KiB,), k[0], dtype=torch.uint8))
+        assert b.children[0].stats()["evictions"] == 0
+        for k in keys[::2]:  # free space in holes of a few blocks: no room for a 2 MiB probe object
+            await b.delete(k)
+    probe = BandwidthProbe(nbytes=8 * MiB, object_nbytes=2 * MiB, use_cache=False)
+    async with StripedBackend([UringBackend(child, 16 * MiB)], probe=probe) as b:
+        assert b.children[0].stats()["evictions"] == 0
+        out = torch.empty(8 * KiB, dtype=torch.uint8)
+        lost = [k for k in keys[1::2] if not (await b.read_into(k, out) and bool((out == k[0]).all()))]
+        assert not lost, f"{len(lost)} of {len(keys[1::2])} stored objects lost at reopen"
+        assert b.weight_sources == ["default"]  # a child holding data is not probed
+
+
 # --- the pool ----------------------------------------------------------------------------------------------
 async def test_pool_with_a_striped_tier(tmp_path: Path) -> None:
     layout = KVLayout(num_layers=4, num_kv_heads=4, head_dim=64, dtype=torch.float16, chunk_tokens=64)

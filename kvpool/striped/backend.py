@@ -8,8 +8,9 @@ Placement. An object of ``n`` bytes is cut into contiguous byte ranges, one per 
 the children's read bandwidth (:func:`kvpool.striped.placement.split_by_weight`), so that a restore reads every child
 for the same time. Weights come from, in order: ``weights=`` given to the constructor; ``bw=`` in a child's
 spec (:meth:`from_specs`); the child's ``capabilities.read_bandwidth``; a :class:`~kvpool.striped.placement.BandwidthProbe`
-at open (cached: ``PATH.bw.json`` next to a pool file; for devices, under the probe's ``cache_dir``); else
-the mean of the others. Piece boundaries are multiples of 4 KiB and, when the balance stays within
+at open (cached: ``PATH.bw.json`` next to a pool file; for devices, under the probe's ``cache_dir``), which
+measures only an empty child (probe writes into a child holding data could evict objects already
+acknowledged); else the mean of the others. Piece boundaries are multiples of 4 KiB and, when the balance stays within
 ``tolerance`` (2 %), multiples of the object's rows (the leading dimensions of the tensor written): a strided
 view such as ``kv[:, :, t0:t1]`` is then split into strided views of itself and written without a packing
 copy, and a read into such a view lands in place. Otherwise a non-contiguous source is made contiguous once.

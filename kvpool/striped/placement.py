@@ -19,8 +19,9 @@ Probe cache locations
 
 The cache records the backend's identity (path, capacity, and for a block device its device number and size);
 a mismatch re-probes. Delete the file to force a new measurement (after moving a pool file to another disk,
-say). The probe never writes more than half of the backend's free space and skips (returns ``None``) when
-that is under ``min_nbytes``; a full cache is not evicted to measure it.
+say). The probe measures only an empty backend (one that holds data could evict it: free bytes are not
+contiguous room), never writes more than half of its capacity, and skips (returns ``None``) when that is
+under ``min_nbytes``.
 """
 
 from __future__ import annotations
@@ -235,7 +236,8 @@ class BandwidthProbe:
     use_cache
         Read and write cache files at all.
     free_fraction
-        The probe uses at most this share of the backend's free space (never evicting cached objects).
+        The probe uses at most this share of the backend's free space; it never probes a backend that holds
+        data (see :meth:`probe_size`).
     min_nbytes
         Below this much room, skip the probe (:meth:`get` returns ``None``).
     """
@@ -339,7 +341,16 @@ class BandwidthProbe:
 
     # --- measuring ---------------------------------------------------------------------------------------
     def probe_size(self, backend: Backend) -> int:
-        """Bytes the probe would write to ``backend`` now (0: too little room to probe)."""
+        """Bytes the probe would write to ``backend`` now (0: too little room to probe, or it holds data).
+
+        A backend that already holds objects is never probed: its free bytes do not say that a write fits
+        without evicting (a fragmented free space has no room for the large probe objects; an index can be
+        full while bytes are free), and a probe that evicts drops cached objects -- on a striped tier, objects
+        whose put was acknowledged (issue 15: a probe at reopen evicted hundreds of a killed run's objects).
+        Such a backend is weighed by its cached result, its hints, or the mean of the others.
+        """
+        if backend.used_bytes > 0:
+            return 0
         n = self.nbytes
         cap = backend.capacity
         if cap is not None:
