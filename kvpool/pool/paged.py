@@ -178,8 +178,8 @@ async def put_paged(pool: KVPool, tokens: Any, src: PagedKV) -> int:
     arr = arr[:n]
     keys = pool.keys_for(arr)
     stored = True
-    for tier in pool.tiers:
-        if not all(await tier.contains_many(keys)):
+    for io in pool._io:  # through each tier's scheduler, like every other call to a tier
+        if not all(await io.contains_many(keys)):
             stored = False
             break
     if stored:  # e.g. a shared system prompt stored before: no gather, no device-to-host copy

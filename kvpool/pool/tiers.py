@@ -115,7 +115,7 @@ class TierSet:
     async def contains(self, t: int, keys: Sequence[bytes]) -> list[bool] | None:
         """Which of ``keys`` tier ``t`` holds, or None when the tier failed to answer (counted)."""
         try:
-            return list(await self.tiers[t].contains_many(keys))
+            return list(await self.io[t].contains_many(keys))
         except TIER_FAILURES as exc:
             self.fault(t, "contains_failures", exc)
             return None
@@ -335,7 +335,7 @@ class TierSet:
     async def delete_in(self, t: int, key: bytes) -> bool:
         """Delete ``key`` from tier ``t``; a tier that fails is counted, not raised."""
         try:
-            return await self.tiers[t].delete(key)
+            return await self.io[t].delete(key)
         except TIER_FAILURES as exc:
             self.fault(t, "delete_failures", exc)
             return False
