@@ -248,3 +248,41 @@ async def test_range_reads_on_a_whole_object_tier() -> None:
     assert await sched.read_into(k, out, 5) and torch.equal(out, d[5:8])
     assert not await sched.read_into(rand_key(), out, 5)
     await sched.backend.close()
+
+
+async def _split_batch_tier() -> tuple[DRAMBackend, FaultyBackend, TierScheduler]:
+    """A tier whose batches are cut into 1 MiB operations that run in parallel (4 channels at 10 MiB/s:
+    0.1 s per MiB), so that a small failing operation ends long before its siblings."""
+    dram = DRAMBackend(64 * MiB)
+    dev = FaultyBackend(LatencyBackend(dram, bandwidth=10 * MiB, channels=4))
+    await dev.open()
+    return dram, dev, TierScheduler(dev, op_bytes=1 * MiB, max_inflight=8)
+
+
+async def test_a_failed_write_batch_waits_for_its_sibling_operations() -> None:
+    dram, dev, sched = await _split_batch_tier()
+    keys = [rand_key() for _ in range(4)]
+    dev.fail_keys, dev.write_fail = {keys[0]}, 1.0  # the first operation fails at once
+    items = [(keys[0], rand_bytes(4096))] + [(k, rand_bytes(1 * MiB)) for k in keys[1:]]
+    with pytest.raises(OSError):
+        await sched.write_many(items)
+    # when the error reaches the caller, no sibling operation is still reading the caller's tensors
+    assert sched.stats()["running"] == 0
+    assert await dram.contains_many(keys[1:]) == [True] * 3
+    await dev.close()
+
+
+async def test_a_failed_read_batch_waits_for_its_sibling_operations() -> None:
+    dram, dev, sched = await _split_batch_tier()
+    keys = [rand_key() for _ in range(4)]
+    data = [rand_bytes(4096)] + [rand_bytes(1 * MiB) for _ in keys[1:]]
+    await dram.write_many(list(zip(keys, data)))
+    outs = [torch.zeros(4096, dtype=torch.uint8)] + [torch.zeros(1 * MiB, dtype=torch.uint8) for _ in keys[1:]]
+    # the first request's range lies outside its object: that operation raises, the others take 0.1 s
+    reqs = [ReadRequest(keys[0], outs[0], 4096)] + [ReadRequest(k, o) for k, o in zip(keys[1:], outs[1:])]
+    with pytest.raises(ValueError):
+        await sched.read_many(reqs)
+    assert sched.stats()["running"] == 0
+    # every sibling read had landed before the call raised: nothing writes into the caller's memory later
+    assert all(torch.equal(o, d) for o, d in zip(outs[1:], data[1:]))
+    await dev.close()
