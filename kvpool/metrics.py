@@ -18,7 +18,12 @@ Exposed (every family has a ``pool`` label; tier families add ``tier`` (index, f
 - ``kvpool_<op>_seconds`` histograms for ``lookup``, ``get`` (``get`` and ``get_into``), ``put`` and
   ``stream_first_layer`` (time to the first layer of :meth:`KVPool.stream`);
 - ``kvpool_tier_io_queue_wait_seconds_total`` per priority class (time requests waited in the tier's I/O
-  scheduler) and ``kvpool_tier_io_queued``.
+  scheduler), ``kvpool_tier_io_request_wait_seconds`` (a histogram of each request's wait, per priority
+  class), ``kvpool_tier_io_queued`` and ``kvpool_tier_io_ops_total`` (operations admitted, per class);
+- ``kvpool_tier_faults_total`` (failures the pool contained by skipping the tier, per ``kind``);
+- ``kvpool_background_tasks`` and ``kvpool_background_queued_bytes`` (per ``kind`` of background work);
+- ``kvpool_staging_<gauge>`` (bytes, populated, free, ready, populate_seconds, overflow_bytes) and
+  ``kvpool_staging_<counter>_total`` (acquired, waits, oversize, fallbacks, overflowed).
 """
 
 from __future__ import annotations
@@ -38,8 +43,12 @@ __all__ = ["PoolCollector"]
 
 _POOL_COUNTERS = (
     "puts", "chunks_written", "chunks_skipped", "lookups", "gets", "hit_tokens", "miss_tokens", "promotions",
-    "read_failures", "prefetches", "prefetch_joins", "write_backs", "write_back_failures",
+    "read_failures", "prefetches", "prefetch_joins", "write_backs", "write_back_failures", "attention_observations",
+    "promotions_dropped", "prefetches_dropped", "write_back_waits", "promotion_failures",
 )
+# the staging arena: sizes and state are gauges, event counts are counters
+_STAGING_GAUGES = ("bytes", "populated", "free", "ready", "populate_seconds", "overflow_bytes")
+_STAGING_COUNTERS = ("acquired", "waits", "oversize", "fallbacks", "overflowed")
 _TIER_COUNTERS = (
     "hits", "misses", "evictions", "bytes_read", "bytes_written", "corrupt", "read_errors", "errors", "timeouts",
 )
@@ -70,6 +79,31 @@ class PoolCollector(Collector):
         g.add_metric([self.name], _num(s["hit_tokens"]) / asked if asked else 0.0)
         yield g
 
+        bg: Mapping[str, object] = s["background"]
+        g = GaugeMetricFamily("kvpool_background_tasks", "background tasks (write-back, promotion, prefetch) alive",
+                              labels=["pool"])
+        g.add_metric([self.name], _num(bg.get("tasks", 0)))
+        yield g
+        g = GaugeMetricFamily("kvpool_background_queued_bytes", "bytes queued for background work, per kind",
+                              labels=["pool", "kind"])
+        queued = bg.get("queued_bytes", {})
+        if isinstance(queued, Mapping):
+            for kind, n in queued.items():
+                g.add_metric([self.name, str(kind)], _num(n))
+        yield g
+        staging: Mapping[str, object] = s["staging"]
+        for key in _STAGING_GAUGES:
+            if key in staging:
+                g = GaugeMetricFamily(f"kvpool_staging_{key}", f"kvpool staging arena {key}", labels=["pool"])
+                v = staging[key]
+                g.add_metric([self.name], float(v) if isinstance(v, bool) else _num(v))
+                yield g
+        for key in _STAGING_COUNTERS:
+            if key in staging:
+                c = CounterMetricFamily(f"kvpool_staging_{key}", f"kvpool staging arena {key}", labels=["pool"])
+                c.add_metric([self.name], _num(staging[key]))
+                yield c
+
         tiers: list[Mapping[str, object]] = list(s["tiers"])
         tl = ["pool", "tier", "scheme"]
 
@@ -95,6 +129,15 @@ class PoolCollector(Collector):
                 g.add_metric(labels(i, t), _num(t["hits"]) / n if n else 0.0)
         yield g
 
+        faults = CounterMetricFamily("kvpool_tier_faults", "tier failures the pool contained (skipped, counted)",
+                                     labels=[*tl, "kind"])
+        for i, t in enumerate(tiers):
+            f = t.get("faults", {})
+            if isinstance(f, Mapping):
+                for kind, n in f.items():
+                    faults.add_metric([*labels(i, t), str(kind)], _num(n))
+        yield faults
+
         bw = GaugeMetricFamily("kvpool_tier_recent_read_bytes_per_second",
                                "read bandwidth of the tier's recent foreground operations", labels=["pool", "tier"])
         q = GaugeMetricFamily("kvpool_tier_io_queued", "operations waiting in the tier's I/O scheduler",
@@ -114,6 +157,17 @@ class PoolCollector(Collector):
         yield bw
         yield q
         yield wait
+        ops = CounterMetricFamily("kvpool_tier_io_ops", "operations the tier's I/O scheduler admitted, per class",
+                                  labels=["pool", "tier", "priority"])
+        hist = HistogramMetricFamily("kvpool_tier_io_request_wait_seconds",
+                                     "each request's wait in the tier's I/O scheduler, per priority class",
+                                     labels=["pool", "tier", "priority"])
+        for i, sched in enumerate(self.pool._io):
+            for prio, h in sched.wait_histograms.items():
+                ops.add_metric([self.name, str(i), prio], _num(sched.counters.get(f"ops_{prio}", 0)))
+                hist.add_metric([self.name, str(i), prio], buckets=h.cumulative(), sum_value=h.sum)
+        yield ops
+        yield hist
 
         for op, h in observer(self.pool).latency.items():
             assert op in OPERATIONS

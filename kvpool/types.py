@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
-__all__ = ["LayoutStats", "PoolStats", "SchedulerStats", "TierStats", "Tokens"]
+__all__ = ["BackgroundStats", "LayoutStats", "PoolStats", "SchedulerStats", "StagingStats", "TierStats", "Tokens"]
 
 #: A prompt's token ids: a sequence of ints, a 1-D integer numpy array or a 1-D integer torch tensor
 #: (all hash to the same keys). Chunk keys bind the whole prefix, so pass the prompt from its first token.
@@ -37,6 +37,16 @@ class SchedulerStats(TypedDict, total=False):
 
     queued: int
     running: int
+    #: operations admitted, per priority class, and membership/delete calls (``ops_meta``)
+    ops_foreground: int
+    ops_prefetch: int
+    ops_promotion: int
+    ops_write_back: int
+    ops_meta: int
+    cancelled: int
+    max_queue: int
+    #: range reads served by reading a whole object (a tier without partial reads)
+    whole_object_reads: int
     bytes_read: int
     bytes_written: int
     recent_read_Bps: int
@@ -70,6 +80,33 @@ class TierStats(TypedDict, total=False):
     last_fault: str | None
 
 
+class StagingStats(TypedDict, total=False):
+    """The pool's staging arena (:mod:`kvpool.storage.staging`): registered host memory chunks pass through."""
+
+    bytes: int
+    #: bytes faulted in so far (the arena populates in the background after open)
+    populated: int
+    free: int
+    ready: bool
+    populate_seconds: float
+    acquired: int
+    #: acquisitions that waited for space
+    waits: int
+    #: requests larger than the arena (served from memory of their own)
+    oversize: int
+    fallbacks: int
+    overflowed: int
+    overflow_bytes: int
+
+
+class BackgroundStats(TypedDict):
+    """Background work (write-back, promotion, prefetch) queued or running."""
+
+    tasks: int
+    #: bytes queued, per kind of background work (each bounded; see :class:`kvpool.PoolConfig`)
+    queued_bytes: dict[str, int]
+
+
 class PoolStats(TypedDict):
     """What :meth:`KVPool.stats` returns: the pool's counters, its layout, and each tier's counters."""
 
@@ -89,6 +126,12 @@ class PoolStats(TypedDict):
     write_backs: int
     write_back_failures: int
     attention_observations: int
-    staging: dict[str, object]
-    background: dict[str, int]
+    #: promotions/prefetches not queued because their queue was full (a counted drop, never unbounded memory)
+    promotions_dropped: int
+    prefetches_dropped: int
+    #: puts that waited for write-back queue room (back-pressure)
+    write_back_waits: int
+    promotion_failures: int
+    staging: StagingStats
+    background: BackgroundStats
     tiers: list[TierStats]

@@ -49,6 +49,7 @@ from typing import Any, TypeVar
 import torch
 
 from ..storage.backend import Backend, ReadRequest, nbytes_of
+from .observe import LatencyHistogram
 
 __all__ = ["Priority", "TierScheduler", "io_class", "io_priority", "io_deadline"]
 
@@ -149,6 +150,9 @@ class TierScheduler:
         self.remote = backend.capabilities.remote
         self.partial_reads = backend.capabilities.partial_reads
         self.wait_time = {p.name.lower(): 0.0 for p in Priority}
+        #: each request's time in the queue (0 when admitted at once), per priority class: the tail of
+        #: these, not the totals in ``wait_time``, says whether a class is starved
+        self.wait_histograms = {p.name.lower(): LatencyHistogram() for p in Priority}
         self.bytes = {"read": 0, "written": 0}
         self._recent_bps = 0.0  # EWMA of foreground read bandwidth
 
@@ -199,7 +203,9 @@ class TierScheduler:
             self._running_bytes += nbytes
             if prio != Priority.FOREGROUND:
                 self._running_bg += 1
-        self.wait_time[Priority(prio).name.lower()] += time.perf_counter() - t0
+        waited = time.perf_counter() - t0
+        self.wait_time[Priority(prio).name.lower()] += waited
+        self.wait_histograms[Priority(prio).name.lower()].observe(waited)
         self.counters[f"ops_{Priority(prio).name.lower()}"] += 1
         try:
             return await fn()
