@@ -5,13 +5,15 @@ loop so that neither eviction nor an overwrite reuses the bytes under it.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+import abc
+
 from typing import Any
 
 import torch
 
 from ..storage.allocator import ExtentAllocator
 from ..errors import CapacityError
+from ..storage.membership import IndexedMembership
 from ..storage.eviction import EvictionPolicy, PolicyHints
 from ..storage.backend import Backend, nbytes_of
 
@@ -30,7 +32,7 @@ class Extent:
         self.dead = False
 
 
-class ArenaTier(PolicyHints, Backend):
+class ArenaTier(IndexedMembership, PolicyHints, Backend):
     """Index, allocation, eviction and pins over ``self._arena``; subclasses do the copies.
 
     Subclasses set ``_capacity``, ``_alloc`` (an :class:`ExtentAllocator`), ``policy``, ``counters`` (with an
@@ -102,6 +104,27 @@ class ArenaTier(PolicyHints, Backend):
         assert self._arena is not None
         return self._arena[start : start + nbytes]
 
+    async def write(self, key: bytes, src: torch.Tensor) -> None:
+        """Copy ``src`` into a fresh extent, then publish it under ``key`` (replacing any old object)."""
+        self._check_open()
+        n = nbytes_of(src)
+        if n == 0:
+            raise ValueError("cannot store an empty object")
+        start = self._allocate(n)
+        ext = Extent(start, n)
+        ext.pins = 1  # not yet visible, but an eviction must not hand it out while we copy
+        try:
+            await self._copy_in(self._slice(start, n), src)
+        except BaseException:
+            ext.dead = True
+            self._unpin(ext)
+            raise
+        self._publish(key, ext)
+
+    @abc.abstractmethod
+    async def _copy_in(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """Copy ``src``'s bytes into ``dst`` (a byte slice of the arena, ``nbytes_of(src)`` long)."""
+
     def _publish(self, key: bytes, ext: Extent) -> None:
         """Make a freshly copied extent the object under ``key`` (replacing, and releasing, any old one)."""
         ext.pins = 0
@@ -141,20 +164,6 @@ class ArenaTier(PolicyHints, Backend):
         self.policy.remove(key)
         self._release(ext)
         return True
-
-    async def contains(self, key: bytes) -> bool:
-        self._check_open()
-        return key in self._index
-
-    async def contains_many(self, keys: Sequence[bytes]) -> list[bool]:
-        self._check_open()
-        index = self._index
-        return [k in index for k in keys]
-
-    async def keys(self) -> AsyncIterator[bytes]:
-        self._check_open()
-        for k in list(self._index):
-            yield k
 
     def stats(self) -> dict[str, Any]:
         return {**super().stats(), "objects": len(self._index), "policy": self.policy.name, **self.counters}

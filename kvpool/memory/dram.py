@@ -21,7 +21,7 @@ from ..errors import ConfigError
 from ..storage.eviction import EvictionPolicy, make_policy
 from ..storage.allocator import ExtentAllocator
 from ..storage.buffers import OFFLOAD_BYTES, HUGE_PAGE, alloc_aligned, buffer_address
-from .arena import ArenaTier, Extent
+from .arena import ArenaTier
 from ..storage.backend import Capabilities, ReadRequest, nbytes_of
 
 if TYPE_CHECKING:
@@ -140,25 +140,12 @@ class DRAMBackend(ArenaTier):
         self._arena = None
 
     # --- the core ----------------------------------------------------------------------------------------
-    async def write(self, key: bytes, src: torch.Tensor) -> None:
-        self._check_open()
-        n = nbytes_of(src)
-        if n == 0:
-            raise ValueError("cannot store an empty object")
-        start = self._allocate(n)
-        ext = Extent(start, n)
-        ext.pins = 1  # not yet visible, but an eviction must not hand it out while we copy
-        try:
-            dst = _viewed(self._slice(start, n), src)
-            if n >= OFFLOAD_BYTES:
-                await asyncio.to_thread(dst.copy_, src)
-            else:
-                dst.copy_(src)
-        except BaseException:
-            ext.dead = True
-            self._unpin(ext)
-            raise
-        self._publish(key, ext)
+    async def _copy_in(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        dst = _viewed(dst, src)
+        if nbytes_of(src) >= OFFLOAD_BYTES:
+            await asyncio.to_thread(dst.copy_, src)
+        else:
+            dst.copy_(src)
 
     async def read_into(self, key: bytes, dest: torch.Tensor, offset: int = 0) -> bool:
         self._check_open()

@@ -32,7 +32,7 @@ from ..storage.buffers import OFFLOAD_BYTES
 from ..errors import ConfigError
 from ..storage.eviction import EvictionPolicy, make_policy
 from ..cuda.events import await_cuda_event
-from .arena import ArenaTier, Extent
+from .arena import ArenaTier
 from ..storage.backend import Capabilities, ReadRequest, nbytes_of
 
 if TYPE_CHECKING:
@@ -187,21 +187,8 @@ class GPUBackend(ArenaTier):
         await await_cuda_event(ev)
 
     # --- the core ----------------------------------------------------------------------------------------
-    async def write(self, key: bytes, src: torch.Tensor) -> None:
-        self._check_open()
-        n = nbytes_of(src)
-        if n == 0:
-            raise ValueError("cannot store an empty object")
-        start = self._allocate(n)
-        ext = Extent(start, n)
-        ext.pins = 1  # not yet visible, but an eviction must not hand it out while we copy
-        try:
-            await self._copy(_viewed(self._slice(start, n), src), src, src, n)
-        except BaseException:
-            ext.dead = True
-            self._unpin(ext)
-            raise
-        self._publish(key, ext)
+    async def _copy_in(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        await self._copy(_viewed(dst, src), src, src, nbytes_of(src))
 
     async def read_into(self, key: bytes, dest: torch.Tensor, offset: int = 0) -> bool:
         self._check_open()

@@ -39,13 +39,14 @@ from __future__ import annotations
 
 import errno as errno_mod
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..errors import ConfigError
 from ..storage.backend import Capabilities, ReadRequest, nbytes_of
+from ..storage.membership import IndexedMembership
 from ..storage.eviction import EvictionPolicy, PolicyHints, make_policy
 from . import format as fmt
 from .errors import ssd_errors
@@ -64,7 +65,7 @@ __all__ = ["UringBackend"]
 _MAX_IO = 8 << 20  # upper bound of one request; lowered to the device's max_sectors_kb at open
 
 
-class UringBackend(PolicyHints, ReadLayer):
+class UringBackend(IndexedMembership, PolicyHints, ReadLayer):
     """SSD tier on a file or raw block device through io_uring.
 
     Parameters
@@ -289,20 +290,6 @@ class UringBackend(PolicyHints, ReadLayer):
         self._release(e)
         await self._log([fmt.del_record(key)])
         return True
-
-    async def contains(self, key: bytes) -> bool:
-        self._check_open()
-        return key in self._index
-
-    async def contains_many(self, keys: Sequence[bytes]) -> list[bool]:
-        self._check_open()
-        index = self._index
-        return [k in index for k in keys]
-
-    async def keys(self) -> AsyncIterator[bytes]:
-        self._check_open()
-        for k in list(self._index):
-            yield k
 
     def stats(self) -> dict[str, Any]:
         return {
