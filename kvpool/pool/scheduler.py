@@ -48,36 +48,13 @@ from typing import Any, TypeVar
 
 import torch
 
+from ..storage.settle import gather_settled
 from ..storage.backend import Backend, ReadRequest, nbytes_of
 from .observe import LatencyHistogram
 
 __all__ = ["Priority", "TierScheduler", "io_class", "io_priority", "io_deadline"]
 
 T = TypeVar("T")
-
-
-async def _gather_settled(aws: Sequence[Awaitable[T]]) -> list[T]:
-    """``asyncio.gather`` that returns or raises only once every awaitable has finished (results in order,
-    the first exception raised). A batch cut into operations must not raise while sibling operations still
-    read into (or write from) the caller's memory: a call that raised has finished touching it. A
-    cancellation of the caller is passed on to every operation and waited out before it is re-raised."""
-    futs = [asyncio.ensure_future(a) for a in aws]
-    cancelled = False
-    while True:
-        try:
-            await asyncio.wait(futs)
-            break
-        except asyncio.CancelledError:
-            cancelled = True
-            for f in futs:
-                f.cancel()
-    errors = [f.exception() for f in futs if not f.cancelled()]
-    if cancelled or any(f.cancelled() for f in futs):
-        raise asyncio.CancelledError
-    for e in errors:
-        if e is not None:
-            raise e
-    return [f.result() for f in futs]
 
 
 class Priority(IntEnum):
@@ -293,7 +270,7 @@ class TierScheduler:
 
         if len(groups) == 1:
             return await one(0, groups[0])
-        parts = await _gather_settled([one(r, g) for r, g in enumerate(groups)])
+        parts = await gather_settled(*(one(r, g) for r, g in enumerate(groups)))
         return [ok for p in parts for ok in p]
 
     async def read_into(self, key: bytes, dest: torch.Tensor, offset: int = 0) -> bool:
@@ -316,7 +293,7 @@ class TierScheduler:
         if len(groups) == 1:  # the common case: no task per group
             await one(0, groups[0])
         else:
-            await _gather_settled([one(r, g) for r, g in enumerate(groups)])
+            await gather_settled(*[one(r, g) for r, g in enumerate(groups)])
 
     async def write(self, key: bytes, src: torch.Tensor) -> None:
         await self.write_many([(key, src)])

@@ -15,7 +15,7 @@ from ..storage.buffers import alloc_aligned, buffer_address
 from . import format as fmt
 from .errors import ssd_errors
 from .ops import Op
-from .settle import wait_uncancellable
+from ..storage.settle import wait_uncancellable
 from .space import SpaceLayer
 from .state import BLOCK, JournalItem, log
 

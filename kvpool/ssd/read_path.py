@@ -24,7 +24,7 @@ from ..storage.buffers import OFFLOAD_BYTES, aligned_empty, tensor_runs
 from . import format as fmt
 from .checksums import part_hashes, part_sizes
 from .ops import Kind, Op
-from .settle import gather_settled
+from ..storage.settle import gather_settled
 from .state import log
 from .write_path import WriteLayer
 

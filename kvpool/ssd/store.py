@@ -52,7 +52,7 @@ from . import format as fmt
 from .errors import ssd_errors
 from .ops import Op
 from .read_path import ReadLayer
-from .settle import gather_settled
+from ..storage.settle import gather_settled
 from .state import BLOCK
 
 if TYPE_CHECKING:

@@ -24,7 +24,7 @@ from typing import Any, Final, Protocol, cast
 from ..storage.buffers import alloc_aligned, buffer_address
 from ..errors import BackendError, PoolClosedError
 from .ops import Op, RawOp
-from .settle import wait_uncancellable
+from ..storage.settle import wait_uncancellable
 import kvpool._uring as _uring  # noqa: PLR0402  (mypy cannot see the compiled submodule otherwise)
 
 __all__ = [
