@@ -46,3 +46,14 @@ def save(name: str, data: dict[str, Any]) -> Path:
     data = {"machine": {"cpus": os.cpu_count(), "uname": " ".join(os.uname())}, **data}
     p.write_text(json.dumps(data, indent=2))
     return p
+
+
+def drop_caches() -> bool:
+    """Write back dirty pages and drop the page cache (root only); whether it could."""
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False

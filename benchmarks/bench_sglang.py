@@ -54,7 +54,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))  # measure the checkout this file lives in
-from _util import save
+from _util import save, drop_caches
 
 import kvpool
 from kvpool.storage.buffers import aligned_empty
@@ -105,14 +105,6 @@ for _n, _f in _methods(("init_kv_buffer", "get_page_buffer_meta", "get_data_page
 
 
 # --- helpers -----------------------------------------------------------------------------------------------------
-def drop_caches() -> bool:
-    try:
-        os.sync()
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
 
 
 def cpu_s() -> float:

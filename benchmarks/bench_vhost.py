@@ -45,7 +45,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))  # measure the checkout this file lives in
-from _util import save
+from _util import save, drop_caches
 
 from kvpool.ssd.vhost_transport import VhostBlkTransport, VhostOp
 from kvpool.ssd.uring_engine import OP_READ, UringEngine, alloc_aligned, buffer_address
@@ -60,14 +60,6 @@ def parse_size(s: str) -> int:
     return int(float(s[:-1]) * units[s[-1]]) if s[-1] in units else int(s)
 
 
-def drop_caches() -> bool:
-    try:
-        os.sync()
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
 
 
 def self_cpu() -> float:

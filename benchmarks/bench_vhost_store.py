@@ -39,21 +39,12 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
-from _util import save  # noqa: E402
+from _util import drop_caches, save  # noqa: E402
 
 import kvpool  # noqa: E402
 
 MiB, GB = 1 << 20, 1e9
 CLK = os.sysconf("SC_CLK_TCK")
-
-
-def drop_caches() -> None:
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-    except OSError:
-        print("warning: cannot drop caches (not root?)", file=sys.stderr)
 
 
 def cpu_self() -> float:

@@ -33,6 +33,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _util import drop_caches  # noqa: E402
+
 VENV = Path(os.environ.get("KVPOOL_VLLM_VENV", ROOT / ".venv-vllm"))
 DRIVER = ROOT / "tests" / "integrations" / "vllm_drivers" / "engine.py"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -48,14 +51,6 @@ def env() -> dict[str, str]:
     return e
 
 
-def drop_caches() -> bool:
-    try:
-        os.sync()
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
 
 
 def run_engine(name: str, workdir: Path, spec: dict[str, Any]) -> dict[str, Any]:

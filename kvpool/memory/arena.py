@@ -32,6 +32,11 @@ class Extent:
         self.dead = False
 
 
+def viewed_as(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``flat`` (uint8, contiguous) reinterpreted with ``like``'s dtype and shape."""
+    return flat.view(like.dtype).view(like.shape)
+
+
 class ArenaTier(IndexedMembership, PolicyHints, Backend):
     """Index, allocation, eviction and pins over ``self._arena``; subclasses do the copies.
 

@@ -21,7 +21,7 @@ from ..errors import ConfigError
 from ..storage.eviction import EvictionPolicy, make_policy
 from ..storage.allocator import ExtentAllocator
 from ..storage.buffers import OFFLOAD_BYTES, HUGE_PAGE, alloc_aligned, buffer_address
-from .arena import ArenaTier
+from .arena import ArenaTier, viewed_as
 from ..storage.backend import Capabilities, ReadRequest, nbytes_of
 
 if TYPE_CHECKING:
@@ -48,13 +48,7 @@ def _mbind(addr: int, length: int, node: int) -> None:
         err = ctypes.get_errno()
         raise ConfigError(f"dram://: mbind to NUMA node {node} failed: {os.strerror(err)}")
 
-# Copies at least this large go to a worker thread; smaller ones are cheaper inline than a thread hop.
 _ALIGN = 4096
-
-
-def _viewed(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``flat`` (uint8, contiguous) reinterpreted with ``like``'s dtype and shape."""
-    return flat.view(like.dtype).view(like.shape)
 
 
 class DRAMBackend(ArenaTier):
@@ -141,7 +135,7 @@ class DRAMBackend(ArenaTier):
 
     # --- the core ----------------------------------------------------------------------------------------
     async def _copy_in(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        dst = _viewed(dst, src)
+        dst = viewed_as(dst, src)
         if nbytes_of(src) >= OFFLOAD_BYTES:
             await asyncio.to_thread(dst.copy_, src)
         else:
@@ -153,7 +147,7 @@ class DRAMBackend(ArenaTier):
         if ext is None:
             return False
         n = nbytes_of(dest)
-        src = _viewed(self._slice(ext.start + offset, n), dest)
+        src = viewed_as(self._slice(ext.start + offset, n), dest)
         if n >= OFFLOAD_BYTES:
             ext.pins += 1
             try:

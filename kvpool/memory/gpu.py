@@ -32,7 +32,7 @@ from ..storage.buffers import OFFLOAD_BYTES
 from ..errors import ConfigError
 from ..storage.eviction import EvictionPolicy, make_policy
 from ..cuda.events import await_cuda_event
-from .arena import ArenaTier
+from .arena import ArenaTier, viewed_as
 from ..storage.backend import Capabilities, ReadRequest, nbytes_of
 
 if TYPE_CHECKING:
@@ -47,11 +47,6 @@ _ALIGN = 4096
 # CPU test hook) are launched from a worker thread.
 
 _cuda: Any = torch.cuda  # torch.cuda's Stream/Event constructors are untyped
-
-
-def _viewed(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``flat`` (uint8, contiguous) reinterpreted with ``like``'s dtype and shape."""
-    return flat.view(like.dtype).view(like.shape)
 
 
 class GPUBackend(ArenaTier):
@@ -188,7 +183,7 @@ class GPUBackend(ArenaTier):
 
     # --- the core ----------------------------------------------------------------------------------------
     async def _copy_in(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        await self._copy(_viewed(dst, src), src, src, nbytes_of(src))
+        await self._copy(viewed_as(dst, src), src, src, nbytes_of(src))
 
     async def read_into(self, key: bytes, dest: torch.Tensor, offset: int = 0) -> bool:
         self._check_open()
@@ -198,7 +193,7 @@ class GPUBackend(ArenaTier):
         n = nbytes_of(dest)
         if n == 0:
             return True
-        src = _viewed(self._slice(ext.start + offset, n), dest)
+        src = viewed_as(self._slice(ext.start + offset, n), dest)
         ext.pins += 1
         try:
             await self._copy(dest, src, dest, n)
