@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import BackendError, ConfigError
 from ..storage.eviction import EvictionPolicy, make_policy
 from ..storage.allocator import ExtentAllocator
 from ..storage.buffers import OFFLOAD_BYTES, HUGE_PAGE, alloc_aligned, buffer_address
@@ -46,7 +46,7 @@ def _mbind(addr: int, length: int, node: int) -> None:
                       ctypes.c_ulong(64 * len(mask) + 1), 0)
     if rc != 0:
         err = ctypes.get_errno()
-        raise ConfigError(f"dram://: mbind to NUMA node {node} failed: {os.strerror(err)}")
+        raise BackendError(err, f"dram://: mbind to NUMA node {node} failed: {os.strerror(err)}")
 
 _ALIGN = 4096
 
@@ -115,7 +115,7 @@ class DRAMBackend(ArenaTier):
             if pin:
                 rc = torch.cuda.cudart().cudaHostRegister(self._arena.data_ptr(), self._capacity, 0)  # type: ignore[no-untyped-call]
                 if int(rc) != 0:
-                    raise ConfigError(f"dram://: cudaHostRegister failed ({rc})")
+                    raise BackendError(f"dram://: cudaHostRegister failed ({rc})")
                 self.pinned_memory = True
         elif pin:
             # Raises if pinning is impossible although explicitly asked for: a silent fallback would hide
