@@ -22,6 +22,7 @@ suite does this). Not for production use: that is what ``dram://`` is for.
 from __future__ import annotations
 
 import asyncio
+import errno
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +30,7 @@ import torch
 
 from ..storage.allocator import ExtentAllocator
 from ..storage.buffers import OFFLOAD_BYTES
-from ..errors import ConfigError
+from ..errors import BackendError, ConfigError
 from ..storage.eviction import EvictionPolicy, make_policy
 from ..cuda.events import await_cuda_event
 from .arena import ArenaTier, viewed_as
@@ -130,9 +131,9 @@ class GPUBackend(ArenaTier):
                 raise ConfigError(f"gpu:// device={idx} does not exist ({count} CUDA device(s))")
             try:
                 self._arena = torch.empty(self._capacity, dtype=torch.uint8, device=self._torch_device)
-            except torch.OutOfMemoryError as exc:
-                raise ConfigError(
-                    f"gpu:// cannot allocate {self._capacity} bytes on {self._torch_device}: {exc}"
+            except torch.OutOfMemoryError as exc:  # a runtime failure of the device, not a bad option
+                raise BackendError(
+                    errno.ENOMEM, f"gpu:// cannot allocate {self._capacity} bytes on {self._torch_device}: {exc}"
                 ) from None
             self._stream = _cuda.Stream(device=self._torch_device)
         else:
