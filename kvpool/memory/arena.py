@@ -15,7 +15,7 @@ from ..storage.allocator import ExtentAllocator
 from ..errors import CapacityError
 from ..storage.membership import IndexedMembership
 from ..storage.eviction import EvictionPolicy, PolicyHints
-from ..storage.backend import Backend, nbytes_of
+from ..storage.backend import Backend, check_range, nbytes_of
 
 __all__ = ["ArenaTier", "Extent"]
 
@@ -148,11 +148,7 @@ class ArenaTier(IndexedMembership, PolicyHints, Backend):
         if ext is None:
             self.counters["misses"] += 1
             return None
-        n = nbytes_of(dest)
-        if offset < 0 or offset + n > ext.nbytes:
-            raise ValueError(f"range [{offset}, {offset + n}) is outside an object of {ext.nbytes} bytes")
-        if offset % dest.element_size():
-            raise ValueError(f"offset {offset} is not a multiple of the destination's itemsize")
+        check_range(dest, offset, ext.nbytes)
         return ext
 
     def _reset(self) -> None:

@@ -19,7 +19,7 @@ import attrs
 import torch
 
 from ..errors import BackendError
-from ..storage.backend import ReadRequest, nbytes_of
+from ..storage.backend import ReadRequest, check_range, nbytes_of
 from ..storage.buffers import OFFLOAD_BYTES, aligned_empty, tensor_runs
 from . import format as fmt
 from .checksums import part_hashes, part_sizes
@@ -110,17 +110,13 @@ class ReadLayer(WriteLayer):
         try:
             for i, r in enumerate(requests):
                 e = self._index.get(r.key)
-                n = nbytes_of(r.dest)
                 if e is None:
                     self.counters["misses"] += 1
                     continue
-                if r.offset < 0 or r.offset + n > e.length:
-                    raise ValueError(f"range [{r.offset}, {r.offset + n}) is outside an object of {e.length} bytes")
+                n = check_range(r.dest, r.offset, e.length)
                 if n == 0:
                     results[i] = True
                     continue
-                if r.offset % r.dest.element_size():
-                    raise ValueError("offset is not a multiple of the destination's itemsize")
                 e.pins += 1
                 pinned.append(e)
                 parts = fmt.parts_covering(e, r.offset, r.offset + n)

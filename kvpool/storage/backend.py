@@ -114,6 +114,18 @@ def nbytes_of(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def check_range(dest: torch.Tensor, offset: int, length: int) -> int:
+    """Validate a range read of ``dest``'s size at ``offset`` from an object of ``length`` bytes; return the
+    bytes it covers. Raises ``ValueError`` for a range outside the object or an offset not on an element of
+    ``dest`` (the documented errors of :meth:`Backend.read_into`)."""
+    n = nbytes_of(dest)
+    if offset < 0 or offset + n > length:
+        raise ValueError(f"range [{offset}, {offset + n}) is outside an object of {length} bytes")
+    if n and offset % dest.element_size():
+        raise ValueError(f"offset {offset} is not a multiple of the destination's itemsize")
+    return n
+
+
 def byte_view(t: torch.Tensor) -> torch.Tensor:
     """A flat uint8 view of a contiguous tensor (raises if ``t`` is not contiguous)."""
     return t.reshape(-1).view(torch.uint8)

@@ -56,7 +56,7 @@ import xxhash
 from ..storage.buffers import aligned_empty
 from ..errors import BackendError, CapacityError, ConfigError, PoolClosedError
 from .placement import BandwidthProbe, makespan, split_by_weight
-from ..storage.backend import Backend, Capabilities, ReadRequest, nbytes_of
+from ..storage.backend import Backend, Capabilities, ReadRequest, check_range, nbytes_of
 
 if TYPE_CHECKING:
     from typing import Self
@@ -682,17 +682,13 @@ class StripedBackend(Backend):
         try:
             for idx, r in enumerate(requests):
                 obj = self._index.get(r.key)
-                n = nbytes_of(r.dest)
                 if obj is None:
                     self.counters["misses"] += 1
                     continue
-                if r.offset < 0 or r.offset + n > obj.length:
-                    raise ValueError(f"range [{r.offset}, {r.offset + n}) is outside an object of {obj.length} bytes")
+                n = check_range(r.dest, r.offset, obj.length)
                 if n == 0:
                     results[idx] = True
                     continue
-                if r.offset % r.dest.element_size():
-                    raise ValueError(f"offset {r.offset} is not a multiple of the destination's itemsize")
                 obj.readers += 1
                 pinned.append(obj)
                 lo, hi = r.offset, r.offset + n
