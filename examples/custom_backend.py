@@ -28,7 +28,7 @@ class FileDirBackend(Backend):
     # stays the no-op default), no eviction policy (no hints), ranges are read with one seek.
     capabilities = Capabilities(
         persistent=True, durable=False, device_memory=False, partial_reads=True, remote=False, queued_io=True,
-        eviction_hints=False, read_bandwidth=None,
+        eviction_hints=False, host_memory="none", read_bandwidth=None,
     )
 
     def __init__(self, root: str | os.PathLike[str]) -> None:

@@ -241,7 +241,7 @@ def test_spec_parsing() -> None:
     assert d.zero_copy and d.protocol == "tcp" and d.local is None
     assert d.capabilities == kvpool.Capabilities(
         persistent=False, durable=False, device_memory=False, partial_reads=True, remote=True, queued_io=True,
-        eviction_hints=False, read_bandwidth=None,
+        eviction_hints=False, host_memory="none", read_bandwidth=None,
     )
     assert d.capacity is None
     assert MooncakeBackend.from_spec(BackendSpec.parse("mooncake://127.0.0.1:7000?timeout=250ms")).timeout == 0.25

@@ -133,7 +133,7 @@ def test_spec_parsing() -> None:
     assert (d.timeout, d.part_size, d.prefix, d.ttl) == (2.0, 4 * MiB, "kvpool:", None)
     assert d.capabilities == kvpool.Capabilities(
         persistent=False, durable=False, device_memory=False, partial_reads=True, remote=True, queued_io=True,
-        eviction_hints=False, read_bandwidth=None,
+        eviction_hints=False, host_memory="none", read_bandwidth=None,
     )
     assert d.capacity is None
     assert RedisBackend.from_spec(BackendSpec.parse("rediss://u:secret@cache:6380/1")).tls

@@ -68,7 +68,7 @@ class DRAMBackend(ArenaTier):
     # host memory: lost on close, nothing to flush, a copy on the caller's core (no queue), policy-ordered
     capabilities = Capabilities(
         persistent=False, durable=False, device_memory=False, partial_reads=True, remote=False, queued_io=False,
-        eviction_hints=True, read_bandwidth=None,
+        eviction_hints=True, host_memory="none", read_bandwidth=None,
     )
 
     def __init__(

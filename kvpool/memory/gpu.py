@@ -70,7 +70,7 @@ class GPUBackend(ArenaTier):
     # device memory, policy-ordered; its copies queue on a CUDA stream, so the scheduler stays in front
     capabilities = Capabilities(
         persistent=False, durable=False, device_memory=True, partial_reads=True, remote=False, queued_io=True,
-        eviction_hints=True, read_bandwidth=None,
+        eviction_hints=True, host_memory="none", read_bandwidth=None,
     )
 
     def __init__(

@@ -89,9 +89,11 @@ class KVPool:
         self._opened_at = time.time()
         # The pool's own host memory, populated now (in a background thread) rather than on a request's data
         # path; results feed host-to-device copies, so it is page-locked once when CUDA is present.
+        # A tier that shares it with another process (a vhost-user target DMAs into it) needs it in a memfd.
         self._staging = StagingArena(
             config.staging_bytes or default_staging_bytes(layout), overflow_bytes=config.staging_overflow_bytes,
             on_ready=register_host_memory if torch.cuda.is_available() else None,
+            shared=any(t.capabilities.host_memory == "shared" for t in self.tiers),
         )
         # write-back, promotion and prefetch, each bounded in bytes
         self._bg = Background(self._tiers, layout.chunk_nbytes, config, self._counters, self._chunk_buffer)
@@ -177,6 +179,14 @@ class KVPool:
                 await t.open()
                 opened.append(t)
             pool = cls(layout, model_id, tiers, config)
+            try:
+                # tiers that read into the staging arena with no copy learn of it before the first request
+                for t in tiers:
+                    if t.capabilities.host_memory != "none":
+                        await t.attach_staging(pool._staging)
+            except BaseException:
+                pool._staging.close()
+                raise
             log_open(pool, time.perf_counter() - t_open)
             return pool
         except BaseException:
@@ -197,13 +207,13 @@ class KVPool:
         await self._gate.wait_idle()
         await self._bg.drain()
         self._closed = True
-        self._staging.close()
         errors: list[BaseException] = []
         for t in self.tiers:
             try:
                 await t.close()
             except Exception as exc:  # close them all, then report
                 errors.append(exc)
+        self._staging.close()  # after the tiers: a tier that registered or shared the arena is done with it
         if errors:
             raise errors[0]
 

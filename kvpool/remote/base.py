@@ -75,7 +75,7 @@ class RemoteBackend(Backend):
     # a cache shared over the network: lost with the server, no flush, eviction is the server's own
     capabilities = Capabilities(
         persistent=False, durable=False, device_memory=False, partial_reads=True, remote=True, queued_io=True,
-        eviction_hints=False, read_bandwidth=None,
+        eviction_hints=False, host_memory="none", read_bandwidth=None,
     )
     # set by each transport; the rest follows from it (__init_subclass__)
     family: ClassVar[Family]

@@ -59,6 +59,7 @@ if TYPE_CHECKING:
     from typing import Self
 
     from ..config import BackendSpec
+    from ..storage.staging import StagingArena
 
 __all__ = ["UringBackend"]
 
@@ -96,7 +97,7 @@ class UringBackend(IndexedMembership, PolicyHints, ReadLayer):
     # survives restarts and crashes; flush() is an fdatasync; policy-ordered; reads any range
     capabilities = Capabilities(
         persistent=True, durable=True, device_memory=False, partial_reads=True, remote=False, queued_io=True,
-        eviction_hints=True, read_bandwidth=None,
+        eviction_hints=True, host_memory="registered", read_bandwidth=None,
     )
 
     def __init__(
@@ -129,6 +130,7 @@ class UringBackend(IndexedMembership, PolicyHints, ReadLayer):
             raise ConfigError(f"uring://{self.path}: format and readonly exclude each other")
         self._fd = -1
         self._transport = None
+        self._staging: StagingArena | None = None  # the pool's, once attached
         self._bounce = None
         self._geo = None
         self._alloc = None
@@ -226,6 +228,14 @@ class UringBackend(IndexedMembership, PolicyHints, ReadLayer):
             self._alloc = None
             self._geo = None
             self.policy = make_policy(self._policy_name) if self._policy_name else self.policy
+
+    async def attach_staging(self, arena: StagingArena) -> None:
+        """The pool's staging arena: the transport reaches it with no copy (fixed buffers for io_uring, the
+        shared memory table for vhost), so reads into ``get`` results and ``pool.empty`` tensors go direct."""
+        self._check_open()
+        assert self._transport is not None
+        self._staging = arena
+        await self._transport.attach_memory(arena)
 
     @property
     def device_path(self) -> str | None:

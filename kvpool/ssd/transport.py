@@ -27,12 +27,15 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import torch
 
 from .ops import Op
+
+if TYPE_CHECKING:
+    from ..storage.staging import StagingArena
 
 __all__ = ["BlockTransport", "DeviceBuffer"]
 
@@ -112,6 +115,12 @@ class BlockTransport(abc.ABC):
     @abc.abstractmethod
     def register(self, buf: DeviceBuffer) -> int:
         """Make ``buf`` the target of ``Op.*_fixed`` ops; returns its buffer index."""
+
+    async def attach_memory(self, arena: StagingArena) -> None:  # noqa: B027 (optional: no-copy I/O into it)
+        """Let the device reach the pool's staging arena with no copy, from now or once it is populated:
+        io_uring registers it as fixed buffers, vhost adds its memfd to the memory table shared with the
+        target. Memory in it satisfies :meth:`mem_ok` once the transport can use it; the arena outlives the
+        transport (the pool closes its tiers first)."""
 
     # --- I/O -----------------------------------------------------------------------------------------------
     @abc.abstractmethod

@@ -25,6 +25,8 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import attrs
+
 from ..errors import BackendError, ConfigError
 from ..storage.eviction import EvictionPolicy
 from .ops import Kind, Op
@@ -246,6 +248,8 @@ class VhostBackend(UringBackend):
     """
 
     scheme = "vhost"
+    # the target reads and writes the pool's staging arena itself: the pool backs it with a memfd
+    capabilities = attrs.evolve(UringBackend.capabilities, host_memory="shared")
 
     def __init__(
         self,

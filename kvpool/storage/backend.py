@@ -11,8 +11,8 @@ The core is six coroutines -- :meth:`write`, :meth:`read_into`, :meth:`delete`, 
 concurrently; fast backends override them with one submission.
 
 Everything else the pool uses is declared, never probed: the required :class:`Capabilities` fields, and the
-optional surfaces -- :meth:`~Backend.flush` (``durable``), the eviction hints (``eviction_hints``) and
-:attr:`~Backend.device_path` -- whose no-op defaults live on :class:`Backend` and which :meth:`Backend.open`
+optional surfaces -- :meth:`~Backend.flush` (``durable``), the eviction hints (``eviction_hints``),
+:meth:`~Backend.attach_staging` (``host_memory``) and :attr:`~Backend.device_path` -- whose no-op defaults live on :class:`Backend` and which :meth:`Backend.open`
 checks against the declaration once (:func:`check_contract`).
 
 Rules every backend keeps (``kvpool.testing.BackendTests`` checks them):
@@ -42,14 +42,19 @@ if TYPE_CHECKING:
     from typing import Self
 
     from ..config import BackendSpec
+    from .staging import StagingArena
 
-__all__ = ["Backend", "Capabilities", "ReadRequest", "byte_view", "check_contract", "nbytes_of"]
+__all__ = ["HOST_MEMORY", "Backend", "Capabilities", "ReadRequest", "byte_view", "check_contract", "nbytes_of"]
 
 # The methods each declared optional surface makes real: a backend declaring the capability overrides them.
 _SURFACES: dict[str, tuple[str, ...]] = {
     "durable": ("flush",),
     "eviction_hints": ("hint_prefix", "hint_attention", "hint_touch"),
 }
+
+
+#: values of :attr:`Capabilities.host_memory`, weakest first
+HOST_MEMORY: tuple[str, ...] = ("none", "registered", "shared")
 
 
 def _bandwidth(_inst: object, attr: attrs.Attribute[float | None], value: float | None) -> None:
@@ -86,6 +91,14 @@ class Capabilities:
     eviction_hints
         :meth:`Backend.hint_prefix`, :meth:`Backend.hint_attention` and :meth:`Backend.hint_touch` feed
         the backend's eviction policy; the pool sends hints only to tiers that declare this.
+    host_memory
+        How the backend uses the pool's staging arena (:class:`~kvpool.storage.staging.StagingArena`, where
+        ``get`` results, ``pool.empty`` tensors and background copies live): ``"none"`` (it does not);
+        ``"registered"`` (:meth:`Backend.attach_staging` registers the arena with the device, e.g. as
+        io_uring fixed buffers, so I/O into it needs no copy and no per-I/O page pinning); ``"shared"`` (the
+        arena is shared with another process, e.g. a vhost-user target that DMAs into it: the pool then backs
+        the arena with a memfd). The pool calls :meth:`Backend.attach_staging` on every tier that does not say
+        ``"none"``.
     read_bandwidth
         Bytes per second, measured or hinted; ``None`` when unknown. Striped placement weighs by it.
     """
@@ -97,6 +110,7 @@ class Capabilities:
     remote: bool
     queued_io: bool
     eviction_hints: bool
+    host_memory: str = attrs.field(validator=attrs.validators.in_(HOST_MEMORY))
     read_bandwidth: float | None = attrs.field(validator=_bandwidth)
 
 
@@ -289,6 +303,15 @@ class Backend(abc.ABC):
         """Treat ``key`` as just used (a hit that did not go through :meth:`read_into`, e.g. the record of a
         striped object whose pieces were read). No-op default; see :meth:`hint_prefix`."""
 
+    async def attach_staging(self, arena: StagingArena) -> None:  # noqa: B027 - optional surface
+        """Reach the pool's staging arena with no copy (declared by ``capabilities.host_memory``).
+
+        Called once by the pool right after it opens, before any request. ``arena`` may still be populating
+        (:meth:`~kvpool.storage.staging.StagingArena.wait_ready`); a backend that registers it does so in the
+        background once it is ready, and serves I/O into it the ordinary way until then. The arena outlives
+        the backend's use of it: the pool closes its tiers before it drops the arena.
+        """
+
     @property
     def device_path(self) -> str | None:
         """The file or block device the backend's bytes live on, for bandwidth probing and its cache;
@@ -316,6 +339,9 @@ def check_contract(backend: Backend) -> None:
     caps = backend.capabilities
     if not isinstance(caps, Capabilities):
         raise TypeError(f"{type(backend).__name__}.capabilities must be a kvpool.Capabilities, got {caps!r}")
+    if caps.host_memory != "none" and type(backend).attach_staging is Backend.attach_staging:
+        raise TypeError(f"{type(backend).__name__} declares host_memory={caps.host_memory!r} but leaves "
+                        "attach_staging as the no-op default")
     for field, methods in _SURFACES.items():
         if getattr(caps, field):
             lacking = [m for m in methods if getattr(type(backend), m) is getattr(Backend, m)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import itertools
 import mmap
+import os
 import threading
 import weakref
 from collections.abc import Callable
@@ -20,7 +21,7 @@ import torch
 
 __all__ = [
     "OFFLOAD_BYTES",
-    "alloc_aligned", "buffer_address", "tensor_runs", "aligned_empty", "RecyclingArena", "PAGE", "HUGE_PAGE",
+    "alloc_aligned", "alloc_shared", "is_hugetlb", "buffer_address", "tensor_runs", "aligned_empty", "RecyclingArena", "PAGE", "HUGE_PAGE",
 ]
 
 PAGE: Final = 4096
@@ -65,7 +66,9 @@ def alloc_aligned(nbytes: int, *, hugepages: bool = True) -> mmap.mmap:
             nr = 0
         if nr > 0 and _hugepages_free_bytes() >= nbytes:
             try:
-                return mmap.mmap(-1, nbytes, flags=flags | _MAP_HUGETLB, prot=prot)
+                huge = mmap.mmap(-1, nbytes, flags=flags | _MAP_HUGETLB, prot=prot)
+                _HUGETLB.add(huge)
+                return huge
             except OSError:
                 pass  # raced with another allocator, or no reservation: fall back
     buf = mmap.mmap(-1, nbytes, flags=flags, prot=prot)
@@ -76,6 +79,48 @@ def alloc_aligned(nbytes: int, *, hugepages: bool = True) -> mmap.mmap:
         except OSError:
             pass  # THP disabled: advisory only
     return buf
+
+_HUGETLB: weakref.WeakSet[mmap.mmap] = weakref.WeakSet()
+
+
+def is_hugetlb(buf: mmap.mmap) -> bool:
+    """Whether ``buf`` (from :func:`alloc_aligned` or :func:`alloc_shared`) is made of hugetlb pages."""
+    return buf in _HUGETLB
+
+
+def alloc_shared(nbytes: int, name: str = "kvpool-staging") -> tuple[mmap.mmap, int, bool]:
+    """Shareable memory: ``(mapping, memfd, hugetlb)`` for ``nbytes`` (a multiple of 2 MiB).
+
+    The memfd is what another process maps to reach the same pages (a vhost-user target takes it with
+    ``SET_MEM_TABLE``); the caller owns it and closes it. 2 MiB hugetlb pages when enough are free (SPDK
+    needs them in iova=pa mode; a target's O_DIRECT requests then take one segment per 2 MiB), else shmem,
+    advised for transparent huge pages (which the kernel honours only when ``shmem_enabled`` allows it).
+    """
+    if nbytes <= 0 or nbytes % _HUGE_2M:
+        raise ValueError(f"shared memory is allocated in 2 MiB multiples, got {nbytes}")
+    if _hugepages_free_bytes() >= nbytes:
+        fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_HUGETLB | getattr(os, "MFD_HUGE_2MB", 21 << 26))
+        try:
+            os.ftruncate(fd, nbytes)
+            huge = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            _HUGETLB.add(huge)
+            return huge, fd, True
+        except OSError:
+            os.close(fd)  # raced with another allocator for the reserved pages: ordinary shmem below
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, nbytes)
+        buf = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    except OSError:
+        os.close(fd)
+        raise
+    madv = getattr(mmap, "MADV_HUGEPAGE", None)
+    if madv is not None:
+        try:
+            buf.madvise(madv)
+        except OSError:
+            pass  # advisory only
+    return buf, fd, False
 
 
 def buffer_address(buf: object) -> int:

@@ -26,6 +26,7 @@ import ctypes
 import ctypes.util
 import logging
 import mmap
+import os
 import threading
 import time
 import weakref
@@ -36,7 +37,7 @@ import torch
 
 from ..layout import KVLayout
 from .allocator import ExtentAllocator
-from .buffers import HUGE_PAGE, RecyclingArena, aligned_empty, alloc_aligned
+from .buffers import HUGE_PAGE, RecyclingArena, aligned_empty, alloc_aligned, alloc_shared, is_hugetlb
 
 __all__ = ["StagingArena", "default_staging_bytes"]
 
@@ -70,17 +71,40 @@ class StagingArena:
     ----------
     nbytes
         Size of the arena (rounded up to 2 MiB).
+    overflow_bytes
+        Bytes of the recycled overflow used beyond the arena (0: none).
     on_ready
         Called once with the whole mapping after it is populated (e.g. ``cudaHostRegister``), in the
         populating thread.
+    shared
+        Back the arena with a memfd (:attr:`fd`) another process can map -- a vhost-user target that reads
+        and writes it directly -- instead of anonymous memory. hugetlb pages when enough are reserved.
+
+    Attributes
+    ----------
+    address, nbytes
+        The mapping (2 MiB multiple). Device registrations (io_uring fixed buffers) cover exactly this span.
+    buffer
+        The writable mapping itself (buffer protocol), for registrations that take a buffer object.
+    fd
+        The memfd when ``shared``, else ``None``; open until :meth:`close`.
+    hugetlb
+        Whether the mapping is made of reserved 2 MiB huge pages.
     """
 
     def __init__(self, nbytes: int, *, overflow_bytes: int = 0,
-                 on_ready: Callable[[mmap.mmap], object] | None = None) -> None:
+                 on_ready: Callable[[mmap.mmap], object] | None = None, shared: bool = False) -> None:
         if nbytes <= 0:
             raise ValueError(f"a staging arena needs a positive size, got {nbytes}")
         self.nbytes = -(-nbytes // HUGE_PAGE) * HUGE_PAGE
-        self._buf = alloc_aligned(self.nbytes)
+        self.fd: int | None = None
+        if shared:
+            self._buf, self.fd, self.hugetlb = alloc_shared(self.nbytes)
+        else:
+            self._buf = alloc_aligned(self.nbytes)
+            self.hugetlb = is_hugetlb(self._buf)
+        self.buffer: mmap.mmap = self._buf
+        self._ready_callbacks: list[Callable[[], object]] = []
         self.address = ctypes.addressof(ctypes.c_char.from_buffer(self._buf))
         self._alloc = ExtentAllocator(self.nbytes, HUGE_PAGE)
         # everything not yet populated is held "in use" and given to the allocator step by step
@@ -129,13 +153,26 @@ class StagingArena:
             except Exception as exc:  # page-locking is an optimisation: the arena works without it
                 log.warning("staging arena: could not page-lock %d bytes: %s", self.nbytes, exc)
         self.populate_seconds = time.monotonic() - t0
-        self._ready.set()
+        with self._lock:
+            self._ready.set()
+            callbacks, self._ready_callbacks = self._ready_callbacks, []
+        for cb in callbacks:
+            cb()
         log.info("staging arena ready: %.0f MiB populated in %.2f s", self.nbytes / 2**20, self.populate_seconds)
 
     @property
     def ready(self) -> bool:
         """Whether the whole arena is populated."""
         return self._ready.is_set()
+
+    def when_ready(self, callback: Callable[[], object]) -> None:
+        """Call ``callback()`` once the whole arena is populated: at once if it is, else from the populating
+        thread (so it must be thread-safe, e.g. ``loop.call_soon_threadsafe``)."""
+        with self._lock:
+            if not self._ready.is_set():
+                self._ready_callbacks.append(callback)
+                return
+        callback()
 
     @property
     def populated(self) -> int:
@@ -252,12 +289,18 @@ class StagingArena:
                 loop.call_soon_threadsafe(_resolve, fut)
 
     def close(self) -> None:
-        """Stop populating; the mapping itself lives until the last tensor over it is dropped."""
+        """Stop populating and close the memfd; the mapping itself lives until the last tensor over it is
+        dropped (the tiers that shared or registered it have been closed first)."""
         self._closed = True
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
     def stats(self) -> dict[str, object]:
         return {
             "bytes": self.nbytes,
+            "shared": self.fd is not None,
+            "hugetlb": self.hugetlb,
             "populated": self._populated,
             "free": self.free_bytes,
             "ready": self.ready,

@@ -56,12 +56,13 @@ import xxhash
 from ..storage.buffers import aligned_empty
 from ..errors import BackendError, CapacityError, ConfigError, PoolClosedError
 from .placement import BandwidthProbe, makespan, split_by_weight
-from ..storage.backend import Backend, Capabilities, ReadRequest, check_range, nbytes_of
+from ..storage.backend import HOST_MEMORY, Backend, Capabilities, ReadRequest, check_range, nbytes_of
 
 if TYPE_CHECKING:
     from typing import Self
 
     from ..config import BackendSpec
+    from ..storage.staging import StagingArena
 
 __all__ = ["StripedBackend", "META_MAGIC", "META_NBYTES"]
 
@@ -308,6 +309,8 @@ class StripedBackend(Backend):
             remote=any(c.remote for c in cc),
             queued_io=any(c.queued_io for c in cc),
             eviction_hints=False,
+            # the strongest need of any child: one shared-memory child makes the pool back its arena with a memfd
+            host_memory=max((c.host_memory for c in cc), key=HOST_MEMORY.index),
             read_bandwidth=self._read_bandwidth,
         )
 
@@ -393,6 +396,12 @@ class StripedBackend(Backend):
     async def _drain(self) -> None:
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def attach_staging(self, arena: StagingArena) -> None:
+        """Hand the pool's staging arena to every child that uses it (pieces land in the caller's memory)."""
+        for c in self.children:
+            if c.capabilities.host_memory != "none":
+                await c.attach_staging(arena)
 
     async def flush(self) -> None:
         """Flush the children that can (durability of what was written so far)."""

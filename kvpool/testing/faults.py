@@ -15,6 +15,7 @@ import attrs
 import torch
 
 from ..storage.backend import Backend, Capabilities, ReadRequest, nbytes_of
+from ..storage.staging import StagingArena
 from ..errors import BackendError, CapacityError
 
 __all__ = ["ForwardingBackend", "LatencyBackend", "FaultyBackend", "FAULTS"]
@@ -72,6 +73,9 @@ class ForwardingBackend(Backend):
 
     def hint_touch(self, key: bytes) -> None:
         self.inner.hint_touch(key)
+
+    async def attach_staging(self, arena: StagingArena) -> None:
+        await self.inner.attach_staging(arena)
 
     @property
     def device_path(self) -> str | None:

@@ -168,7 +168,7 @@ class DownBackend(Backend):
     scheme = "down"
     capabilities = Capabilities(
         persistent=False, durable=False, device_memory=False, partial_reads=True, remote=True, queued_io=True,
-        eviction_hints=False, read_bandwidth=None,
+        eviction_hints=False, host_memory="none", read_bandwidth=None,
     )
 
     def _boom(self) -> BackendError:

@@ -18,7 +18,7 @@ from kvpool.storage.eviction import PrefixAwarePolicy
 from kvpool.testing.faults import FaultyBackend, LatencyBackend
 
 CAPS = dict(persistent=False, durable=False, device_memory=False, partial_reads=True, remote=False,
-            queued_io=False, eviction_hints=False, read_bandwidth=None)
+            queued_io=False, eviction_hints=False, host_memory="none", read_bandwidth=None)
 
 
 def test_every_capability_must_be_declared() -> None:
@@ -28,7 +28,7 @@ def test_every_capability_must_be_declared() -> None:
         with pytest.raises(TypeError, match=field):
             Capabilities(**partial)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
-        Capabilities(False, False, False, True, False, False, False, None)  # type: ignore[misc]
+        Capabilities(False, False, False, True, False, False, False, "none", None)  # type: ignore[misc]
     for bad in (0.0, -1.0):
         with pytest.raises(ValueError, match="read_bandwidth"):
             Capabilities(**{**CAPS, "read_bandwidth": bad})  # type: ignore[arg-type]
@@ -73,6 +73,10 @@ class _ClaimsHints(_Declared):
         pass
 
 
+class _ClaimsHostMemory(_Declared):
+    capabilities = Capabilities(**{**CAPS, "host_memory": "registered"})  # type: ignore[arg-type]
+
+
 async def test_open_checks_declared_surfaces_once() -> None:
     b = _Declared()
     await b.open()
@@ -80,7 +84,8 @@ async def test_open_checks_declared_surfaces_once() -> None:
     b.hint_prefix(b"a" * 16, b"b" * 16)
     assert b.device_path is None
     await b.close()
-    for cls, missing in ((_ClaimsDurable, "flush"), (_ClaimsHints, "hint_attention, hint_touch")):
+    for cls, missing in ((_ClaimsDurable, "flush"), (_ClaimsHints, "hint_attention, hint_touch"),
+                          (_ClaimsHostMemory, "attach_staging")):
         before = cls.closed
         bad = cls()
         with pytest.raises(TypeError, match=missing):
