@@ -140,8 +140,10 @@ class PoolConfig:
         The pool's own host memory (:class:`~kvpool.storage.staging.StagingArena`): allocated and populated
         (huge pages where the kernel gives them) right after open, page-locked once when CUDA is present, and
         reused for the tensors :meth:`KVPool.get`/:meth:`KVPool.stream` return, :meth:`KVPool.empty`, and
-        promotion/write-back copies, so no request pays first-touch page faults. ``None`` (default): 16 chunks
-        of the layout, at least 64 MiB and at most 1 GiB. Size it to the bytes of results callers hold at once.
+        promotion/write-back copies, so no request pays first-touch page faults. ``None`` (default):
+        ``KVPOOL_STAGING_BYTES`` if set, else an eighth of the machine's memory, at most 4 GiB, at least 16 chunks
+        (:func:`~kvpool.storage.staging.default_staging_bytes`). Size it to the bytes of results callers hold
+        at once: a restore beyond it lands in memory faulted on its data path (a third of the device's speed).
     staging_overflow_bytes
         Result memory beyond the staging arena, for restores larger than it was sized for: faulted in on first
         use (so an undersized arena costs first-touch faults once), then reused; bounded; 0 disables.

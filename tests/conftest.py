@@ -8,6 +8,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# Pools opened by the tests use a small staging arena (the production default is an eighth of the machine's memory,
+# populated in the background: hundreds of short-lived test pools would spend minutes of CPU zeroing it). Tests
+# of the default itself clear this variable.
+os.environ.setdefault("KVPOOL_STAGING_BYTES", "256MiB")
 sys.path.insert(0, str(ROOT / "tests"))
 
 # real servers for the remote tiers (redis, a redis cluster, Mooncake), shared by every test file

@@ -35,7 +35,9 @@ from typing import Final
 
 import torch
 
+from ..errors import ConfigError
 from ..layout import KVLayout
+from ..units import parse_size
 from .allocator import ExtentAllocator
 from .buffers import HUGE_PAGE, RecyclingArena, aligned_empty, alloc_aligned, alloc_shared, is_hugetlb
 
@@ -51,9 +53,35 @@ _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _libc.madvise.restype = ctypes.c_int
 
 
-def default_staging_bytes(layout: KVLayout) -> int:
-    """16 chunks of ``layout``, at least 64 MiB and at most 1 GiB, in 2 MiB units."""
-    n = min(1 << 30, max(64 << 20, 16 * layout.chunk_nbytes))
+def _mem_total() -> int:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 16 << 30
+
+
+def default_staging_bytes(layout: KVLayout, mem_total: int | None = None) -> int:
+    """``KVPOOL_STAGING_BYTES`` when set (a size, e.g. ``512MiB``: the default of every pool in the process,
+    for hosts that run many pools); else an eighth of the machine's memory, at most 4 GiB, at least 16 chunks of ``layout`` (and 64 MiB), never
+    more than a quarter of the memory; in 2 MiB units.
+
+    Why this much: every restore that does not fit lands in memory faulted on its data path (~1 CPU-s/GB of
+    page zeroing, a third of the device's speed), so the arena must hold what a server restores at once --
+    several prompts of a long context (an 8B model's 16K-token prompt is 2 GiB of fp16 KV). Peers size their
+    pools the same way (LMCache preallocates 5 GB of host memory by default)."""
+    env = os.environ.get("KVPOOL_STAGING_BYTES", "").strip()
+    if env:
+        n = parse_size(env, what="KVPOOL_STAGING_BYTES")
+        if n <= 0:
+            raise ConfigError(f"KVPOOL_STAGING_BYTES must be positive, got {env!r}")
+        return -(-n // HUGE_PAGE) * HUGE_PAGE
+    mem = mem_total if mem_total is not None else _mem_total()
+    n = max(64 << 20, 16 * layout.chunk_nbytes, min(4 << 30, mem // 8))
+    n = min(n, max(64 << 20, mem // 4))
     return -(-n // HUGE_PAGE) * HUGE_PAGE
 
 

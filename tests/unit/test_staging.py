@@ -127,3 +127,46 @@ async def test_overflow_serves_beyond_the_arena_and_is_reused() -> None:
     big = await a.acquire((8 * MiB,), torch.uint8)  # larger than the arena itself: overflow too
     assert a.oversize == 0 and a.overflowed == 3
     del held, y, big
+
+
+def test_default_size_follows_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    import kvpool
+    from kvpool.errors import ConfigError
+    from kvpool.storage.staging import default_staging_bytes
+
+    monkeypatch.delenv("KVPOOL_STAGING_BYTES", raising=False)
+    small = kvpool.KVLayout(num_layers=2, num_kv_heads=1, head_dim=8, dtype=torch.float16, chunk_tokens=16)
+    big = kvpool.KVLayout(num_layers=32, num_kv_heads=8, head_dim=128, dtype=torch.float16, chunk_tokens=256)
+    GiB = 1 << 30
+    assert default_staging_bytes(small, mem_total=24 * GiB) == 3 * GiB  # an eighth of the memory
+    assert default_staging_bytes(small, mem_total=256 * GiB) == 4 * GiB  # at most 4 GiB
+    assert default_staging_bytes(big, mem_total=2 * GiB) == 512 * MiB  # 16 chunks, but never over a quarter
+    assert default_staging_bytes(big, mem_total=8 * GiB) == 1 * GiB  # 16 x 32 MiB chunks > an eighth
+    monkeypatch.setenv("KVPOOL_STAGING_BYTES", "100MiB")
+    assert default_staging_bytes(big) % (2 * MiB) == 0 and 100 * MiB <= default_staging_bytes(big) < 102 * MiB
+    for bad in ("lots", "0"):
+        monkeypatch.setenv("KVPOOL_STAGING_BYTES", bad)
+        with pytest.raises(ConfigError, match="KVPOOL_STAGING_BYTES"):
+            default_staging_bytes(big)
+
+
+async def test_shared_arena_is_a_memfd_another_mapping_sees() -> None:
+    import mmap
+    import os
+
+    a = StagingArena(8 * MiB, shared=True)
+    await a.wait_ready()
+    assert a.fd is not None and a.stats()["shared"]
+    t = a.try_empty((MiB,), torch.uint8)
+    assert t is not None
+    t.fill_(0x5A)
+    # what another process (a vhost-user target) maps through the fd is the very same memory
+    other = mmap.mmap(a.fd, a.nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+    off = t.data_ptr() - a.address
+    assert other[off : off + 4] == b"\x5a" * 4
+    other.close()
+    fd = a.fd
+    a.close()
+    assert a.fd is None
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed with the arena
