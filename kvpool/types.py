@@ -84,6 +84,10 @@ class StagingStats(TypedDict, total=False):
     """The pool's staging arena (:mod:`kvpool.storage.staging`): registered host memory chunks pass through."""
 
     bytes: int
+    #: backed by a memfd shared with another process (a vhost-user target)
+    shared: bool
+    #: made of reserved 2 MiB huge pages
+    hugetlb: bool
     #: bytes faulted in so far (the arena populates in the background after open)
     populated: int
     free: int
