@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import errno as errno_mod
+import logging
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -48,8 +49,11 @@ if TYPE_CHECKING:
     from typing import Self
 
     from ..config import BackendSpec
+    from ..storage.staging import StagingArena
 
 __all__ = ["VhostBackend", "VhostTransport"]
+
+log = logging.getLogger("kvpool.ssd.vhost")
 
 _STAGE = 4 << 20  # region bytes for ops whose memory the target cannot reach (metadata, private staging)
 _MAX_IO = 8 << 20
@@ -65,9 +69,12 @@ class VhostTransport(BlockTransport):
     a fault (module docstring of :mod:`kvpool.ssd.vhost_store`).
     """
 
-    def __init__(self, t: VhostBlkTransport, name: str, reconnect_timeout: float) -> None:
+    def __init__(self, t: VhostBlkTransport, name: str, reconnect_timeout: float,
+                 hugetlb: bool | None = None) -> None:
         self.name = name
         self._t = t
+        self._hugetlb = hugetlb
+        self._arena: StagingArena | None = None
         self._fixed: list[int] = []  # base address of each registered buffer
         self._stage = t.alloc(_STAGE)
         self._stage_lock = asyncio.Lock()
@@ -75,6 +82,7 @@ class VhostTransport(BlockTransport):
         self._backoff = _BACKOFF_MIN
         self._next_try = 0.0
         self.counters = {"faults": 0, "reconnects": 0, "reconnect_failures": 0, "staged_ops": 0}
+        self.arena_shared = False
 
     @classmethod
     async def connect(cls, socket: str, *, queues: int = 0, region_bytes: int = 64 << 20, poll: bool = False,
@@ -85,7 +93,7 @@ class VhostTransport(BlockTransport):
         except OSError as exc:
             raise BackendError(exc.errno or errno_mod.EIO, f"cannot connect to vhost target {socket}: {exc}",
                                socket) from exc
-        return cls(t, socket, reconnect_timeout=min(timeout, 1.0))
+        return cls(t, socket, reconnect_timeout=min(timeout, 1.0), hugetlb=hugetlb)
 
     @property
     def raw(self) -> VhostBlkTransport:
@@ -117,6 +125,37 @@ class VhostTransport(BlockTransport):
     # --- memory ------------------------------------------------------------------------------------------
     def mem_ok(self, addr: int, n: int) -> bool:
         return addr % 4 == 0 and n % 512 == 0 and self._t.contains(addr, n)
+
+    async def attach_memory(self, arena: StagingArena) -> None:
+        """Add the pool's staging arena (its memfd) to the memory table shared with the target, now and on
+        every reconnect, so ``get`` results and ``pool.empty`` tensors are read into with no copy.
+
+        Not shared (reads into it keep going through the bounce buffer, logged once): an arena that is not a
+        memfd, and a 4 KiB-page arena when ``hugetlb=1`` asked for huge pages (SPDK in ``iova=pa`` mode cannot
+        DMA into memory that is not physically contiguous per 2 MiB, and refuses to register it).
+        """
+        if arena.fd is None:
+            log.warning("vhost target %s: the staging arena is not shared memory (no memfd); reads into it are "
+                        "copied through the bounce buffer", self.name)
+            return
+        if self._hugetlb and not arena.hugetlb:
+            log.warning("vhost target %s: hugetlb=1 but the %d MiB staging arena got 4 KiB pages (reserve more "
+                        "vm.nr_hugepages); not shared with the target, reads into it are copied through the "
+                        "bounce buffer", self.name, arena.nbytes >> 20)
+            return
+        self._arena = arena
+        try:
+            await self._t.add_memory(arena.fd, arena.address, arena.nbytes)
+        except (VhostDisconnectedError, VhostTimeoutError) as exc:
+            # the connection was dropped mid-update; the arena stays in the table the next connection sends
+            self.counters["faults"] += 1
+            self._next_try = 0.0
+            log.warning("vhost target %s: %s; the staging arena is shared from the next connection on",
+                        self.name, exc)
+        except (VhostError, OSError, ValueError) as exc:
+            raise BackendError(getattr(exc, "errno", None) or errno_mod.EIO,
+                               f"vhost target {self.name}: cannot share the staging arena: {exc}", self.name) from exc
+        self.arena_shared = True
 
     def alloc(self, nbytes: int) -> DeviceBuffer:
         b = self._t.alloc(nbytes)
@@ -220,6 +259,7 @@ class VhostTransport(BlockTransport):
         t = self._t
         return {**super().stats(), "transport": "vhost", "queues": t.num_queues if t.connected else 0,
                 "poll": t.poll_mode, "connected": t.connected, "region_hugetlb": t.region_hugetlb,
+                "arena_shared": self.arena_shared, "mem_table_updates": t.stats["mem_table_updates"],
                 **self.counters}
 
 
