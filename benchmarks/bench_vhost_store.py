@@ -26,7 +26,6 @@ import os
 import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +41,7 @@ sys.path.insert(0, str(HERE.parent))
 from _util import drop_caches, save  # noqa: E402
 
 import kvpool  # noqa: E402
+from kvpool.testing.servers import QemuStorageDaemon, qemu_storage_daemon  # noqa: E402
 
 MiB, GB = 1 << 20, 1e9
 CLK = os.sysconf("SC_CLK_TCK")
@@ -109,21 +109,6 @@ async def restore(spec: str, prompts: list[np.ndarray], chunks: int, daemon_pid:
         await pool.close()
 
 
-def start_daemon(image: Path, sock: Path, queues: int) -> subprocess.Popen[bytes]:
-    sock.unlink(missing_ok=True)
-    p = subprocess.Popen(
-        ["qemu-storage-daemon", "--blockdev",
-         f"driver=file,node-name=f0,filename={image},cache.direct=on,aio=io_uring",
-         "--export", f"type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path={sock},writable=on,"
-         f"num-queues={queues}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while not sock.exists():
-        if p.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("qemu-storage-daemon did not start")
-        time.sleep(0.01)
-    return p
-
-
 def reserve_hugepages(n: int) -> int:
     """Make at least ``n`` 2 MiB pages available (root); the number free afterwards."""
     p = Path("/proc/sys/vm/nr_hugepages")
@@ -155,7 +140,7 @@ async def main() -> None:
                     help="2 MiB huge pages to reserve (the pool's staging arena takes them first, then the shared "
                     "region; 0: ordinary memory only)")
     args = ap.parse_args()
-    if shutil.which("qemu-storage-daemon") is None:
+    if qemu_storage_daemon() is None:
         sys.exit("qemu-storage-daemon not on PATH (apt-get install qemu-system-common)")
     work = Path(tempfile.mkdtemp(dir=args.dir, prefix="kvpool-vhost-"))
     image, sock = work / "pool.img", work / "vhost.sock"
@@ -178,13 +163,13 @@ async def main() -> None:
         for _ in range(args.repeat):  # interleaved, so drift in the disk hits every case alike
             cases["uring"].append(await restore(f"uring://{image}?bounce={args.bounce}", prompts, args.chunks, None))
             for mode, opts in modes:
-                d = start_daemon(image, sock, args.queues)
+                d = QemuStorageDaemon(image, sock, args.queues, capture_stderr=False)
+                d.start()
                 try:
                     spec = f"vhost://{sock}?{opts}&bounce={args.bounce}&queues={args.queues}"
                     cases[mode].append(await restore(spec, prompts, args.chunks, d.pid))
                 finally:
                     d.kill()
-                    d.wait()
         summary = {k: {m: med(v, m) for m in v[0] if isinstance(v[0][m], float)} for k, v in cases.items()}
         for k in cases:
             summary[k]["x_uring_GBps"] = summary[k]["GBps"] / summary["uring"]["GBps"]
