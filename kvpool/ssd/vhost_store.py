@@ -7,8 +7,15 @@ over it) reads what ``vhost://`` wrote, and back.
 
 Options: ``capacity`` (bounds the device's size from its virtio config lower), ``queues`` (0 = all the target
 offers), ``poll=1`` (busy-poll completions), ``region`` (bytes of memory shared with the target; default the
-bounce buffer plus 16 MiB), ``bounce``, ``timeout`` (seconds: every request's deadline), ``format=1``,
-``policy``, ``direct``, ``hugetlb`` (``1`` requires 2 MiB huge pages for the region, ``0`` never).
+bounce buffer plus 2 MiB, and 4 MiB of metadata staging on top), ``bounce`` (default 32 MiB), ``timeout``
+(seconds: every request's deadline), ``format=1``, ``policy``, ``direct``, ``hugetlb`` (``1`` requires 2 MiB
+huge pages for the region and the staging arena, ``0`` never for the region).
+
+Memory. Under a :class:`~kvpool.KVPool` the pool's staging arena is shared with the target as well
+(:meth:`VhostTransport.attach_memory`): ``get`` results and ``pool.empty()`` tensors are read straight from the
+device, and puts of arena tensors written straight to it. The region itself then serves only memory outside the
+arena -- ``get_into`` a caller's own tensor, puts of a caller's tensors, unaligned range reads -- which is why
+its default bounce buffer is modest; raise ``bounce`` when puts of private tensors dominate.
 
 Faults. The target dying, restarting or missing a deadline fails the batch in flight: reads become misses,
 writes raise :class:`~kvpool.errors.BackendError`, and ``faults`` counts it. The next call reconnects when the
@@ -55,6 +62,9 @@ __all__ = ["VhostBackend", "VhostTransport"]
 
 log = logging.getLogger("kvpool.ssd.vhost")
 
+# Bounce buffer default: only memory outside the shared staging arena is staged through it (a caller's own
+# tensors, unaligned range reads), so it is modest; the arena is what restores land in.
+_BOUNCE = 32 << 20
 _STAGE = 4 << 20  # region bytes for ops whose memory the target cannot reach (metadata, private staging)
 _MAX_IO = 8 << 20
 _BACKOFF_MIN, _BACKOFF_MAX = 0.05, 2.0
@@ -277,13 +287,17 @@ class VhostBackend(UringBackend):
     poll
         Busy-poll completions (lowest latency, a core spins while I/O is in flight).
     region
-        Bytes shared with the target (default: ``bounce`` + 16 MiB).
+        Bytes of the transport's own region shared with the target (default: ``bounce`` + 2 MiB; the pool's
+        staging arena is shared on top of it).
     timeout
         Seconds: every request's deadline and the handshake's limit.
     hugetlb
         ``True`` requires 2 MiB huge pages for the region (SPDK in iova=pa mode), ``False`` never uses them,
-        ``None`` uses them where reserved.
-    bounce, policy, direct, format, readonly
+        ``None`` uses them where reserved. With ``True`` a staging arena that did not get huge pages is not
+        shared (reads into it bounce; logged).
+    bounce
+        Bytes staging I/O on memory the target cannot reach (default 32 MiB: see the module docstring).
+    policy, direct, format, readonly
         As for :class:`~kvpool.ssd.store.UringBackend`.
     """
 
@@ -301,7 +315,7 @@ class VhostBackend(UringBackend):
         region: int | None = None,
         timeout: float = 10.0,
         hugetlb: bool | None = None,
-        bounce: int = 64 << 20,
+        bounce: int = _BOUNCE,
         policy: str | EvictionPolicy = "lru",
         direct: bool = True,
         format: bool = False,  # noqa: A002
@@ -313,7 +327,7 @@ class VhostBackend(UringBackend):
                          readonly=readonly)
         self._queues = queues
         self._poll = poll
-        self._region_bytes = region if region is not None else self._bounce_bytes + (16 << 20)
+        self._region_bytes = region if region is not None else self._bounce_bytes + (2 << 20)
         if self._region_bytes < self._bounce_bytes + (2 << 20):
             raise ConfigError(f"vhost://{socket}: region={self._region_bytes} must exceed bounce="
                               f"{self._bounce_bytes} by at least 2 MiB")
@@ -337,7 +351,7 @@ class VhostBackend(UringBackend):
             region=spec.size("region"),
             timeout=timeout,
             hugetlb=hugetlb,
-            bounce=spec.size("bounce", 64 << 20) or (64 << 20),
+            bounce=spec.size("bounce", _BOUNCE) or _BOUNCE,
             policy=spec.params.get("policy", "lru"),
             direct=spec.flag("direct", True),
             format=spec.flag("format"),
