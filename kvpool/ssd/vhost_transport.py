@@ -987,6 +987,10 @@ class VhostBlkTransport:
             return
         await self._shutdown_dev()
         self._closed = True
+        if self._watchdog is not None:
+            # a pending timer references this transport (and so its region) until it fires: up to `timeout`
+            self._watchdog.cancel()
+            self._watchdog = None
         self._region.close()  # the mapping lives on while tensors view it
         extra, self._extra = self._extra, []
         for fd, _a, _n in extra:

@@ -43,3 +43,21 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
         d.kill()
 
 
+@pytest.fixture
+def hugepages() -> Iterator[int]:
+    """Reserve 8 more 2 MiB pages for the test (restored afterwards); skip if that is not possible."""
+    p = Path("/proc/sys/vm/nr_hugepages")
+    want = 8
+    try:
+        old = int(p.read_text())
+        p.write_text(f"{old + want}\n")
+    except OSError as e:
+        pytest.skip(f"cannot reserve huge pages: {e}")
+    try:
+        free = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                    if line.startswith("HugePages_Free:"))
+        if free < want:
+            pytest.skip(f"only {free} huge pages could be reserved")
+        yield want
+    finally:
+        p.write_text(f"{old}\n")

@@ -9,6 +9,7 @@ process mid-write.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import random
 import signal
@@ -375,3 +376,31 @@ async def test_pool_target_restarted_mid_restore_shares_the_arena_again(daemon: 
             assert pool._staging.contains(x.data_ptr(), x.numel() * 2)
         s1 = tier.stats()
         assert s1["bounce_reads"] == s0["bounce_reads"] and s1["direct_reads"] - s0["direct_reads"] >= 4 * 7
+
+
+async def test_pool_hugetlb_required_keeps_a_4k_page_arena_private(hugepages: int, daemon: Daemon) -> None:
+    """``hugetlb=1`` (SPDK in iova=pa mode): the region takes the reserved pages, the 64 MiB arena gets none,
+    so it is not offered to the target (SPDK could not DMA into it); reads into it bounce and stay correct."""
+    lay = _small_layout()
+    tokens = np.arange(32, dtype=np.int64)
+    kv = torch.randn(lay.kv_shape(32), dtype=lay.dtype)
+    async with await KVPool.open(layout=lay, model_id="vhost-arena",
+                                 backends=[f"vhost://{daemon.sock}?format=1&hugetlb=1&bounce=4MiB"]) as pool:
+        await pool.ready()
+        tier = _vhost_tier(pool)
+        st = tier.stats()
+        assert st["region_hugetlb"] and not pool._staging.hugetlb
+        assert not st["arena_shared"] and st["mem_table_updates"] == 0
+        assert await pool.put(tokens, kv) == 32
+        s0 = tier.stats()
+        got = await pool.get(tokens)
+        assert torch.equal(got, kv)
+        s1 = tier.stats()
+        assert s1["bounce_reads"] - s0["bounce_reads"] == 2 and s1["direct_reads"] == s0["direct_reads"]
+        t = tier.transport
+        assert t is not None
+        start = f"{t.raw.region_address:x}-"
+    # the region's huge pages are unmapped once the closed pool is dropped (nothing scheduled keeps it alive)
+    del pool, tier, got, t
+    gc.collect()
+    assert not [m for m in Path("/proc/self/maps").read_text().splitlines() if m.startswith(start)]

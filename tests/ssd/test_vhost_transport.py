@@ -13,7 +13,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -399,26 +399,6 @@ async def test_add_memory_refuses_what_cannot_be_shared(transport: VhostBlkTrans
             await transport.submit([VhostOp.read(0, [(m.addr + 2 * MiB - 4096, 8192)])])
     finally:
         os.close(m.fd)
-
-
-@pytest.fixture
-def hugepages() -> Iterator[int]:
-    """Reserve 2 MiB pages for the test (restored afterwards); skip if that is not possible."""
-    p = Path("/proc/sys/vm/nr_hugepages")
-    want = 8
-    try:
-        old = int(p.read_text())
-        p.write_text(f"{old + want}\n")
-    except OSError as e:
-        pytest.skip(f"cannot reserve huge pages: {e}")
-    try:
-        free = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
-                    if line.startswith("HugePages_Free:"))
-        if free < want:
-            pytest.skip(f"only {free} huge pages could be reserved")
-        yield want
-    finally:
-        p.write_text(f"{old}\n")
 
 
 async def test_hugetlb_region_round_trip(daemon: Daemon, hugepages: int) -> None:
