@@ -336,6 +336,8 @@ class VhostBlkTransport:
         self._alloc = _Allocator(region.size)
         # caller-owned memory in the memory table too: (our dup of its fd, address, size)
         self._extra: list[tuple[int, int, int]] = []
+        # (start, end) of all of it, the region first: what contains() scans
+        self._spans: tuple[tuple[int, int], ...] = ((region.address, region.address + region.size),)
         self._paused = 0  # > 0 while the memory table is being replaced: nothing new is staged
         self._quarantine: list[tuple[int, int]] = []
         self._withheld: list[RegionBuffer] = []
@@ -527,11 +529,13 @@ class VhostBlkTransport:
     def contains(self, addr: int, length: int) -> bool:
         """Whether ``[addr, addr + length)`` lies inside memory shared with the target: the region, or one
         span given to :meth:`add_memory`."""
-        if length <= 0:
-            return False
-        if self._region.contains(addr, length):
-            return True
-        return any(a <= addr and addr + length <= a + n for _fd, a, n in self._extra)
+        # Called for every iovec of every op (the store asks per memory run): plain comparisons over a
+        # tuple of (start, end), no native call or generator.
+        end = addr + length
+        for a, e in self._spans:
+            if a <= addr and end <= e:
+                return length > 0
+        return False
 
     @property
     def shared_memory(self) -> list[tuple[int, int]]:
@@ -575,6 +579,7 @@ class VhostBlkTransport:
             raise ValueError(f"at most {MAX_EXTRA_REGIONS} spans can be shared beside the region")
         own = os.dup(fd)  # non-inheritable, like every fd Python makes
         self._extra.append((own, address, nbytes))
+        self._spans = (*self._spans, (address, address + nbytes))
         dev = self._dev
         if dev is None:
             return  # the next connection's first SET_MEM_TABLE carries it
@@ -993,6 +998,7 @@ class VhostBlkTransport:
             self._watchdog = None
         self._region.close()  # the mapping lives on while tensors view it
         extra, self._extra = self._extra, []
+        self._spans = ()
         for fd, _a, _n in extra:
             os.close(fd)
 
