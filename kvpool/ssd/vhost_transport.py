@@ -554,8 +554,18 @@ class VhostBlkTransport:
         flight while the target remaps. From then on ops may use the span (:meth:`contains`). The
         memory must stay mapped until :meth:`aclose`.
 
-        Idempotent for a span already added. Cancellation-safe only in the sense of the module
-        contract: a cancelled call may leave the connection dropped (the next one sends the table).
+        Idempotent for a span already added. Cancelled while requests drain, it leaves nothing shared;
+        cancelled once the table is on its way, it waits for the target's answer first (the span is then
+        shared) and re-raises.
+
+        Parameters
+        ----------
+        fd
+            The memfd ``address`` maps (duplicated: the caller keeps its own).
+        address
+            Start of the mapping (4 KiB aligned; what descriptors will carry).
+        nbytes
+            Bytes of it to share (a multiple of 4 KiB).
 
         Raises
         ------
@@ -578,15 +588,23 @@ class VhostBlkTransport:
         if len(self._extra) >= MAX_EXTRA_REGIONS:
             raise ValueError(f"at most {MAX_EXTRA_REGIONS} spans can be shared beside the region")
         own = os.dup(fd)  # non-inheritable, like every fd Python makes
-        self._extra.append((own, address, nbytes))
-        self._spans = (*self._spans, (address, address + nbytes))
+        entry = (own, address, nbytes)
         dev = self._dev
         if dev is None:
-            return  # the next connection's first SET_MEM_TABLE carries it
+            self._keep(entry)  # the next connection's first SET_MEM_TABLE carries it
+            return
+        kept = False
         self._paused += 1
         try:
-            await self._quiesce(dev, time.monotonic() + self._timeout)
-            if self._dev is not dev:
+            try:
+                await self._quiesce(dev, time.monotonic() + self._timeout)
+            except VhostTimeoutError:
+                self._keep(entry)  # the connection was dropped: the next one carries the span
+                kept = True
+                raise
+            if self._dev is not dev:  # dropped while draining
+                self._keep(entry)
+                kept = True
                 raise VhostDisconnectedError(errno.ECONNRESET, f"vhost-user target {self._path}: "
                                              f"{self._last_error} (while sharing memory)")
             loop = self._loop
@@ -594,20 +612,48 @@ class VhostBlkTransport:
             # The reply to SET_MEM_TABLE arrives on the socket: _on_socket would take it for an unsolicited
             # message, so the socket is not watched while the thread waits for it.
             loop.remove_reader(dev.sock_fd)
+            fut = asyncio.ensure_future(asyncio.to_thread(dev.set_memory, [*self._extra, entry]))
+            # Once the message is on its way the target may be remapping: nothing may touch the rings or the
+            # socket until the thread is back, so a cancellation waits for it (bounded by the timeout the
+            # native layer puts on the reply) and is re-raised afterwards.
+            cancelled = False
+            while not fut.done():
+                try:
+                    await asyncio.shield(fut)
+                except asyncio.CancelledError:
+                    cancelled = True
+                except (OSError, ValueError):
+                    break
             try:
-                await asyncio.to_thread(dev.set_memory, list(self._extra))
+                fut.result()
+            except ValueError:
+                loop.add_reader(dev.sock_fd, self._on_socket)  # refused before anything was sent
+                raise
             except OSError as e:
-                # The target may now hold any memory table: this connection is unusable.
+                # The target may now hold any memory table: this connection is unusable; the next carries it.
+                self._keep(entry)
+                kept = True
                 exc = VhostDisconnectedError(e.errno or errno.EIO, f"vhost-user target {self._path}: "
                                              f"SET_MEM_TABLE failed: {e}")
                 self._fail(exc)
                 raise exc from e
+            self._keep(entry)
+            kept = True
+            self.stats["mem_table_updates"] += 1
             if self._dev is dev:
                 loop.add_reader(dev.sock_fd, self._on_socket)  # an EOF meanwhile fires it at once
-            self.stats["mem_table_updates"] += 1
+            if cancelled:
+                raise asyncio.CancelledError
         finally:
+            if not kept:
+                os.close(own)  # never shared: a cancelled or refused call leaves no trace
             self._paused -= 1
             self._pump()
+
+    def _keep(self, entry: tuple[int, int, int]) -> None:
+        """Record a shared span: :meth:`contains` accepts it, every later connection's table carries it."""
+        self._extra.append(entry)
+        self._spans = (*self._spans, (entry[1], entry[1] + entry[2]))
 
     async def _quiesce(self, dev: _Device, deadline: float) -> None:
         """Wait until the target holds no request of ours (staging is paused by the caller)."""

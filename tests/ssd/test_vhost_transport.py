@@ -383,6 +383,34 @@ async def test_add_memory_live_then_across_a_restart(transport: VhostBlkTranspor
     assert transport.stats["mem_table_updates"] == 1  # no live update needed: the connect carried it
 
 
+async def test_add_memory_cancelled_while_draining_shares_nothing(transport: VhostBlkTransport,
+                                                                   daemon: Daemon) -> None:
+    buf = transport.alloc(MiB)
+    m = _Memfd(4 * MiB)
+    try:
+        daemon.signal(signal.SIGSTOP)  # a request the target holds and does not finish
+        busy = asyncio.ensure_future(transport.submit([VhostOp.read(0, buf.iov())]))
+        await asyncio.sleep(0.05)
+        adding = asyncio.ensure_future(transport.add_memory(m.fd, m.addr, m.nbytes))
+        await asyncio.sleep(0.1)
+        assert not adding.done()  # waiting for the target to give the request back
+        later = asyncio.ensure_future(transport.submit([VhostOp.read(MiB, buf.iov())]))
+        await asyncio.sleep(0.05)
+        assert not later.done()  # new requests wait while the table is about to change
+        adding.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await adding
+        daemon.signal(signal.SIGCONT)
+        assert await busy == [MiB] and await later == [MiB]  # staging resumed
+        assert transport.shared_memory == [] and not transport.contains(m.addr, 4096)
+        assert transport.stats["mem_table_updates"] == 0
+        with pytest.raises(ValueError, match="outside"):
+            await transport.submit([VhostOp.read(0, [(m.addr, 4096)])])
+    finally:
+        daemon.signal(signal.SIGCONT)
+        os.close(m.fd)
+
+
 async def test_add_memory_refuses_what_cannot_be_shared(transport: VhostBlkTransport) -> None:
     m = _Memfd(4 * MiB)
     try:
