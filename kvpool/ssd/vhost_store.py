@@ -318,7 +318,7 @@ class VhostBackend(UringBackend):
         bounce: int = _BOUNCE,
         policy: str | EvictionPolicy = "lru",
         direct: bool = True,
-        format: bool = False,  # noqa: A002
+        format: bool = False,
         readonly: bool = False,
     ) -> None:
         if not socket:

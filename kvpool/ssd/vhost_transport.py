@@ -47,12 +47,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple, Protocol, Self, cast
 
-import kvpool._vhost as _vhost  # noqa: PLR0402  (mypy cannot see the compiled submodule otherwise)
 import torch
 
+import kvpool._vhost as _vhost  # noqa: PLR0402  (mypy cannot see the compiled submodule otherwise)
+
 __all__ = [
-    "OP_FLUSH",
     "MAX_EXTRA_REGIONS",
+    "OP_FLUSH",
     "OP_READ",
     "OP_WRITE",
     "RegionBuffer",
