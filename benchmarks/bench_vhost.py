@@ -49,6 +49,7 @@ from _util import save, drop_caches
 
 from kvpool.ssd.vhost_transport import VhostBlkTransport, VhostOp
 from kvpool.ssd.uring_engine import OP_READ, UringEngine, alloc_aligned, buffer_address
+from kvpool.testing.servers import QemuStorageDaemon
 
 MiB = 1 << 20
 CLK = os.sysconf("SC_CLK_TCK")
@@ -167,21 +168,6 @@ def bench_fio(path: Path, size: int, obj: int, qd: int, dropped: list[bool]) -> 
     return {"gbps": gb / rt, "cpu_s_per_gb": cpu / gb}
 
 
-def start_qsd(path: Path, sock: Path, queues: int) -> subprocess.Popen[bytes]:
-    sock.unlink(missing_ok=True)
-    p = subprocess.Popen(
-        ["qemu-storage-daemon", "--blockdev",
-         f"driver=file,node-name=f0,filename={path},cache.direct=on,aio=io_uring",
-         "--export", (f"type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path={sock},writable=off,"
-                     f"num-queues={queues}")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 10
-    while not sock.exists():
-        if p.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("qemu-storage-daemon did not start")
-        time.sleep(0.01)
-    return p
-
-
 def hugepages_free() -> int:
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("HugePages_Free:"):
@@ -228,7 +214,8 @@ def main() -> None:
     path = a.path or Path(tmpdir) / "backing.img"
     make_file(path, size)
     sock = Path(tmpdir) / "vhost.sock"
-    qsd = start_qsd(path, sock, a.queues)
+    qsd = QemuStorageDaemon(path, sock, a.queues, writable=False, capture_stderr=False)
+    qsd.start()
     dropped: list[bool] = []
     res: dict[str, list[dict[str, float]]] = {"vhost_eventfd": [], "vhost_poll": [], "uring": [], "fio": []}
     # The region in 2 MiB huge pages (what SPDK needs in iova=pa mode) also lets the target's
@@ -250,8 +237,7 @@ def main() -> None:
             res["uring"].append(run(bench_uring(path, size, obj, a.qd, dropped)))
             res["fio"].append(bench_fio(path, size, obj, a.qd, dropped))
     finally:
-        qsd.terminate()
-        qsd.wait(10)
+        qsd.stop()
         if old_huge is not None:
             Path("/proc/sys/vm/nr_hugepages").write_text(f"{old_huge}\n")
         if a.path is None:

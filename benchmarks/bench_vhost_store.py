@@ -5,12 +5,16 @@ cache dropped before every timed restore:
 
   uring           ``uring://FILE`` (io_uring, O_DIRECT in the kvpool process)
   vhost eventfd   ``vhost://SOCK`` to a qemu-storage-daemon on FILE (``cache.direct=on,aio=io_uring``),
-                  completions through the call eventfds
+                  completions through the call eventfds; the pool's staging arena (huge pages) is in the
+                  memory table, so the daemon reads straight into the ``get`` results
   vhost poll      the same with ``?poll=1``
+  vhost eventfd, 4 KiB-page arena
+                  huge pages withdrawn before the pool opens: arena and region are ordinary shmem
 
-Reported per case: GB/s, the kvpool process's CPU-s/GB (getrusage RUSAGE_SELF, usr+sys) and, for vhost, the
-daemon's CPU-s/GB (/proc/PID/stat). qemu-storage-daemon's own data path is the kernel's (it stands in for
-SPDK's protocol, not for SPDK's NVMe driver), so the vhost GB/s here is bounded by that daemon on this disk.
+Reported per case: GB/s, the kvpool process's CPU-s/GB (getrusage RUSAGE_SELF, usr+sys), direct and bounce
+reads (the store's counters), whether the arena was hugetlb and shared and, for vhost, the daemon's CPU-s/GB
+(/proc/PID/stat). qemu-storage-daemon's own data path is the kernel's (it stands in for SPDK's protocol, not
+for SPDK's NVMe driver), so the vhost GB/s here is bounded by that daemon on this disk.
 
     python benchmarks/bench_vhost_store.py [--dir /var/tmp] [--prompts 6] [--chunks 4] [--repeat 2]
 
@@ -26,7 +30,6 @@ import os
 import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +45,7 @@ sys.path.insert(0, str(HERE.parent))
 from _util import drop_caches, save  # noqa: E402
 
 import kvpool  # noqa: E402
+from kvpool.testing.servers import QemuStorageDaemon, qemu_storage_daemon  # noqa: E402
 
 MiB, GB = 1 << 20, 1e9
 CLK = os.sysconf("SC_CLK_TCK")
@@ -101,7 +105,9 @@ async def restore(spec: str, prompts: list[np.ndarray], chunks: int, daemon_pid:
         gc.collect()
         out = {"s": dt, "GBps": total / dt / GB, "cpu_s_per_GB": (c1 - c0) / (total / GB),
                "direct": s1["direct_reads"] - s0["direct_reads"], "bounce": s1["bounce_reads"] - s0["bounce_reads"],
-               "misses": s1["misses"] - s0["misses"]}
+               "misses": s1["misses"] - s0["misses"], "arena_hugetlb": pool._staging.hugetlb,
+               "arena_shared": bool(s1.get("arena_shared", False)),
+               "region_hugetlb": bool(s1.get("region_hugetlb", False))}
         if daemon_pid:
             out["daemon_cpu_s_per_GB"] = (d1 - d0) / (total / GB)
         return out
@@ -109,19 +115,12 @@ async def restore(spec: str, prompts: list[np.ndarray], chunks: int, daemon_pid:
         await pool.close()
 
 
-def start_daemon(image: Path, sock: Path, queues: int) -> subprocess.Popen[bytes]:
-    sock.unlink(missing_ok=True)
-    p = subprocess.Popen(
-        ["qemu-storage-daemon", "--blockdev",
-         f"driver=file,node-name=f0,filename={image},cache.direct=on,aio=io_uring",
-         "--export", f"type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path={sock},writable=on,"
-         f"num-queues={queues}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while not sock.exists():
-        if p.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("qemu-storage-daemon did not start")
-        time.sleep(0.01)
-    return p
+def set_hugepages(n: int) -> None:
+    """Set vm.nr_hugepages (root); pages still mapped stay until unmapped."""
+    try:
+        Path("/proc/sys/vm/nr_hugepages").write_text(f"{n}\n")
+    except OSError:
+        pass
 
 
 def reserve_hugepages(n: int) -> int:
@@ -150,12 +149,13 @@ async def main() -> None:
     ap.add_argument("--chunks", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--queues", type=int, default=2)
-    ap.add_argument("--bounce", default="96MiB")
+    ap.add_argument("--bounce", default=None,
+                    help="bounce= for every spec (default: each scheme's own; restores into the arena bypass it)")
     ap.add_argument("--hugepages", type=int, default=1024,
                     help="2 MiB huge pages to reserve (the pool's staging arena takes them first, then the shared "
                     "region; 0: ordinary memory only)")
     args = ap.parse_args()
-    if shutil.which("qemu-storage-daemon") is None:
+    if qemu_storage_daemon() is None:
         sys.exit("qemu-storage-daemon not on PATH (apt-get install qemu-system-common)")
     work = Path(tempfile.mkdtemp(dir=args.dir, prefix="kvpool-vhost-"))
     image, sock = work / "pool.img", work / "vhost.sock"
@@ -166,36 +166,54 @@ async def main() -> None:
         await fill(f"uring://{image}?capacity={capacity}&format=1", prompts, args.chunks)
         old_huge = int(Path("/proc/sys/vm/nr_hugepages").read_text())
         huge = reserve_hugepages(args.hugepages) if args.hugepages else 0
-        modes = [("vhost_eventfd", "poll=0&hugetlb=0")]
+        # (case, spec options, withdraw huge pages first so the arena and region are 4 KiB-page shmem)
+        modes = [("vhost_eventfd", "poll=0&hugetlb=0", False), ("vhost_poll", "poll=1&hugetlb=0", False)]
         if huge:
-            # qemu-storage-daemon's O_DIRECT on ordinary memfd pages pins and maps them per request (slow);
-            # on huge pages it does not, and SPDK needs them anyway (iova=pa)
-            modes = [("vhost_eventfd", "poll=0&hugetlb=1"), ("vhost_poll", "poll=1&hugetlb=1"),
-                     ("vhost_eventfd_4k_pages", "poll=0&hugetlb=0")]
-        else:
-            modes.append(("vhost_poll", "poll=1&hugetlb=0"))
-        cases: dict[str, list[dict[str, Any]]] = {"uring": [], **{m: [] for m, _ in modes}}
+            # 4 KiB pages cap the daemon's O_DIRECT requests at the disk's 254 segments (~1 MiB); huge pages
+            # do not, and SPDK needs them anyway (iova=pa)
+            modes = [("vhost_eventfd", "poll=0&hugetlb=1", False), ("vhost_poll", "poll=1&hugetlb=1", False),
+                     ("vhost_eventfd_4k_pages", "poll=0&hugetlb=0", True)]
+        bounce = f"&bounce={args.bounce}" if args.bounce else ""
+        cases: dict[str, list[dict[str, Any]]] = {"uring": [], **{m: [] for m, _, _ in modes}}
         for _ in range(args.repeat):  # interleaved, so drift in the disk hits every case alike
-            cases["uring"].append(await restore(f"uring://{image}?bounce={args.bounce}", prompts, args.chunks, None))
-            for mode, opts in modes:
-                d = start_daemon(image, sock, args.queues)
+            cases["uring"].append(await restore(f"uring://{image}?{bounce[1:]}", prompts, args.chunks, None))
+            gc.collect()
+            for mode, opts, small_pages in modes:
+                d = QemuStorageDaemon(image, sock, args.queues, capture_stderr=False)
+                d.start()
                 try:
-                    spec = f"vhost://{sock}?{opts}&bounce={args.bounce}&queues={args.queues}"
+                    if small_pages:
+                        set_hugepages(0)
+                    spec = f"vhost://{sock}?{opts}{bounce}&queues={args.queues}"
                     cases[mode].append(await restore(spec, prompts, args.chunks, d.pid))
                 finally:
                     d.kill()
-                    d.wait()
-        summary = {k: {m: med(v, m) for m in v[0] if isinstance(v[0][m], float)} for k, v in cases.items()}
+                    if small_pages:
+                        reserve_hugepages(args.hugepages)
+                gc.collect()  # the closed pool's arena and region go back before the next case maps its own
+                r = cases[mode][-1]
+                if huge and r["arena_hugetlb"] == small_pages:
+                    print(f"warning: {mode}: the arena got {'huge' if small_pages else '4 KiB'} pages", file=sys.stderr)
+        summary: dict[str, dict[str, Any]] = {
+            k: {m: med(v, m) for m in v[0] if isinstance(v[0][m], float)} for k, v in cases.items()}
+        for k, v in cases.items():  # what every run of the case had (page sizes, sharing), and its read counts
+            for flag in ("arena_hugetlb", "arena_shared", "region_hugetlb"):
+                summary[k][flag] = all(r[flag] for r in v) if all(r[flag] == v[0][flag] for r in v) else "mixed"
+            summary[k]["direct"], summary[k]["bounce"] = v[0]["direct"], v[0]["bounce"]
         for k in cases:
             summary[k]["x_uring_GBps"] = summary[k]["GBps"] / summary["uring"]["GBps"]
         res = {"bytes": total, "prompts": args.prompts, "chunks": args.chunks, "queues": args.queues,
-               "bounce": args.bounce, "hugepages_reserved": huge, "daemon": "qemu-storage-daemon cache.direct=on aio=io_uring",
+               "repeat": args.repeat, "bounce": args.bounce or "scheme default", "hugepages_reserved": huge,
+               "cpus": os.cpu_count(), "loadavg_at_end": os.getloadavg(), "daemon": "qemu-storage-daemon cache.direct=on aio=io_uring",
                "summary": summary, "runs": cases}
         path = save("vhost_store", res)
-        print(f"{'case':<15}{'GB/s':>8}{'x uring':>9}{'CPU-s/GB':>10}{'daemon CPU-s/GB':>17}")
+        print(f"{'case':<24}{'GB/s':>7}{'x uring':>9}{'CPU-s/GB':>10}{'daemon CPU-s/GB':>17}"
+              f"{'direct':>8}{'bounce':>8}  arena")
         for k, s in summary.items():
-            print(f"{k:<15}{s['GBps']:>8.2f}{s.get('x_uring_GBps', 1.0):>9.2f}{s['cpu_s_per_GB']:>10.3f}"
-                  f"{s.get('daemon_cpu_s_per_GB', float('nan')):>17.3f}")
+            print(f"{k:<24}{s['GBps']:>7.2f}{s.get('x_uring_GBps', 1.0):>9.2f}{s['cpu_s_per_GB']:>10.3f}"
+                  f"{s.get('daemon_cpu_s_per_GB', float('nan')):>17.3f}{s['direct']:>8}{s['bounce']:>8}  "
+                  f"{'hugetlb' if s['arena_hugetlb'] is True else s['arena_hugetlb'] or '4k'}"
+                  f"{', shared' if s['arena_shared'] is True else ''}")
         print(f"wrote {path}")
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -2,7 +2,8 @@
  * kvpool._vhost: thin CPython glue over vhost_user.c.
  *
  *   Region(size, hugetlb=None)      memfd-backed shared memory; buffer protocol (writable)
- *   Device(path, region, queues=0, queue_size=256, poll=False, event_idx=True, timeout_ms=5000)
+ *   Device(path, region, queues=0, queue_size=256, poll=False, event_idx=True, timeout_ms=5000, extra=())
+ *                                   extra: [(fd, address, size)] of caller-owned memory in the table too
  *
  * All methods must be called from one thread at a time (the asyncio loop); the GIL is released
  * only around the blocking handshake/shutdown and the busy-poll.
@@ -156,15 +157,52 @@ static PyObject *raise_dev(DeviceObject *self, int rc)
     return NULL;
 }
 
+/* [(fd, address, size), ...] -> vu_region descriptors of caller-owned memory (fds not ours). */
+static int parse_extra(PyObject *obj, vu_region *out, unsigned *n)
+{
+    *n = 0;
+    if (obj == NULL || obj == Py_None)
+        return 0;
+    PyObject *seq = PySequence_Fast(obj, "extra must be a sequence of (fd, address, size)");
+    if (!seq)
+        return -1;
+    Py_ssize_t len = PySequence_Fast_GET_SIZE(seq);
+    if (len > VU_MAX_EXTRA) {
+        Py_DECREF(seq);
+        PyErr_Format(PyExc_ValueError, "at most %d extra memory regions fit in a vhost-user memory table", VU_MAX_EXTRA);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < len; i++) {
+        int fd;
+        unsigned long long a, sz;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "iKK;extra region must be (fd, address, size)", &fd,
+                              &a, &sz)) {
+            Py_DECREF(seq);
+            return -1;
+        }
+        memset(&out[i], 0, sizeof out[i]);
+        out[i].fd = fd;
+        out[i].base = (uint8_t *)(uintptr_t)a;
+        out[i].size = (size_t)sz;
+    }
+    Py_DECREF(seq);
+    *n = (unsigned)len;
+    return 0;
+}
+
 static int Device_init(DeviceObject *self, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"path", "region", "queues", "queue_size", "poll", "event_idx", "timeout_ms", NULL};
+    static char *kwlist[] = {"path", "region", "queues", "queue_size", "poll", "event_idx", "timeout_ms", "extra", NULL};
     const char *path;
-    PyObject *region;
+    PyObject *region, *extra_obj = NULL;
     unsigned queues = 0, qsize = 256;
     int poll = 0, evidx = 1, timeout_ms = 5000;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "sO!|IIppi", kwlist, &path, &RegionType, &region, &queues, &qsize,
-                                     &poll, &evidx, &timeout_ms))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "sO!|IIppiO", kwlist, &path, &RegionType, &region, &queues, &qsize,
+                                     &poll, &evidx, &timeout_ms, &extra_obj))
+        return -1;
+    vu_region extra[VU_MAX_EXTRA];
+    unsigned nextra;
+    if (parse_extra(extra_obj, extra, &nextra))
         return -1;
     if (self->connected) {
         PyErr_SetString(PyExc_RuntimeError, "Device already connected");
@@ -178,8 +216,12 @@ static int Device_init(DeviceObject *self, PyObject *args, PyObject *kw)
     unsigned flags = (poll ? VU_F_POLL : 0) | (evidx ? 0 : VU_F_NO_EVIDX);
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = vu_dev_connect(&self->d, path, &r->r, queues, qsize, flags, timeout_ms);
+    rc = vu_dev_connect_mem(&self->d, path, &r->r, extra, nextra, queues, qsize, flags, timeout_ms);
     Py_END_ALLOW_THREADS
+    if (rc == -EINVAL && nextra && self->d.err[0] && strstr(self->d.err, "extra region")) {
+        PyErr_SetString(PyExc_ValueError, self->d.err);
+        return -1;
+    }
     if (rc) {
         raise_dev(self, rc);
         return -1;
@@ -363,6 +405,42 @@ static PyObject *Device_shutdown(DeviceObject *self, PyObject *unused)
     Py_RETURN_NONE;
 }
 
+/* set_memory(extra): replace the extra regions and send the memory table again (blocking, GIL released). */
+static PyObject *Device_set_memory(DeviceObject *self, PyObject *args)
+{
+    PyObject *extra_obj;
+    if (!PyArg_ParseTuple(args, "O", &extra_obj))
+        return NULL;
+    if (!self->connected) {
+        errno = ENOTCONN;
+        PyErr_SetString(VhostError, "device is shut down");
+        return NULL;
+    }
+    vu_region extra[VU_MAX_EXTRA];
+    unsigned nextra;
+    if (parse_extra(extra_obj, extra, &nextra))
+        return NULL;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = vu_dev_set_memory(&self->d, extra, nextra);
+    Py_END_ALLOW_THREADS
+    if (rc == -EINVAL || rc == -E2BIG) {
+        PyErr_SetString(PyExc_ValueError, self->d.err);
+        return NULL;
+    }
+    if (rc)
+        return raise_dev(self, rc);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Device_contains(DeviceObject *self, PyObject *args)
+{
+    unsigned long long a, l;
+    if (!PyArg_ParseTuple(args, "KK", &a, &l))
+        return NULL;
+    return PyBool_FromLong(l > 0 && vu_dev_mem_contains(&self->d, a, l));
+}
+
 static PyObject *Device_abort(DeviceObject *self, PyObject *unused)
 {
     (void)unused;
@@ -459,6 +537,9 @@ static PyMethodDef Device_methods[] = {
     {"check_alive", (PyCFunction)Device_check_alive, METH_NOARGS, "0, or -errno once the target has gone"},
     {"shutdown", (PyCFunction)Device_shutdown, METH_NOARGS, "GET_VRING_BASE on every ring, close all fds"},
     {"abort", (PyCFunction)Device_abort, METH_NOARGS, "close all fds without talking to the target"},
+    {"set_memory", (PyCFunction)Device_set_memory, METH_VARARGS,
+     "set_memory([(fd, address, size), ...]): extra regions; sends SET_MEM_TABLE again (no request may be outstanding)"},
+    {"contains", (PyCFunction)Device_contains, METH_VARARGS, "contains(addr, len) -> in the data or an extra region"},
     {"queue_info", (PyCFunction)Device_queue_info, METH_VARARGS, "queue_info(q) -> dict"},
     {NULL, NULL, 0, NULL},
 };

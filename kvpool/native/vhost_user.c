@@ -423,6 +423,76 @@ static void close_fds(vu_dev *d)
     vu_region_destroy(&d->ring);
 }
 
+/* SET_MEM_TABLE: ring region, data region, then the caller's extra regions.  Guest-physical
+ * addresses equal our virtual addresses, so descriptors carry plain pointers. */
+static int send_mem_table(vu_dev *d)
+{
+    struct vu_msg m = {.request = VHOST_USER_SET_MEM_TABLE};
+    const vu_region *rs[2 + VU_MAX_EXTRA];
+    unsigned n = 0;
+    rs[n++] = &d->ring;
+    rs[n++] = d->data;
+    for (unsigned i = 0; i < d->nextra; i++)
+        rs[n++] = &d->extra[i];
+    int fds[2 + VU_MAX_EXTRA];
+    m.p.mem.nregions = n;
+    m.p.mem.padding = 0;
+    for (unsigned i = 0; i < n; i++) {
+        m.p.mem.regions[i].guest_phys_addr = (uint64_t)(uintptr_t)rs[i]->base;
+        m.p.mem.regions[i].memory_size = rs[i]->size;
+        m.p.mem.regions[i].userspace_addr = (uint64_t)(uintptr_t)rs[i]->base;
+        m.p.mem.regions[i].mmap_offset = 0;
+        fds[i] = rs[i]->fd;
+    }
+    m.size = 8 + n * (uint32_t)sizeof(struct vu_mem_region);
+    return send_set(d, &m, fds, (int)n);
+}
+
+static int check_extra(vu_dev *d, const vu_region *extra, unsigned nextra)
+{
+    if (nextra > VU_MAX_EXTRA) {
+        seterr(d, "at most %d extra memory regions fit in a vhost-user memory table, got %u", VU_MAX_EXTRA, nextra);
+        return -E2BIG;
+    }
+    for (unsigned i = 0; i < nextra; i++) {
+        const vu_region *r = &extra[i];
+        uintptr_t b = (uintptr_t)r->base;
+        if (r->fd < 0 || !r->base || r->size == 0 || (b & 4095) || (r->size & 4095)) {
+            seterr(d, "extra region %u: needs an fd and a 4 KiB aligned, 4 KiB sized mapping", i);
+            return -EINVAL;
+        }
+        /* Guest-physical ranges of one table must not overlap. */
+        const vu_region *others[2] = {&d->ring, d->data};
+        for (unsigned k = 0; k < 2 + i; k++) {
+            const vu_region *o = k < 2 ? others[k] : &extra[k - 2];
+            if (!o || !o->base)
+                continue;
+            uintptr_t ob = (uintptr_t)o->base;
+            if (b < ob + o->size && ob < b + r->size) {
+                seterr(d, "extra region %u overlaps another region of the memory table", i);
+                return -EINVAL;
+            }
+        }
+    }
+    return 0;
+}
+
+int vu_dev_set_memory(vu_dev *d, const vu_region *extra, unsigned nextra)
+{
+    int rc = check_extra(d, extra, nextra);
+    if (rc)
+        return rc;
+    for (unsigned i = 0; i < nextra; i++) {
+        d->extra[i] = extra[i];
+        d->extra[i].resv = NULL; /* never ours to unmap */
+        d->extra[i].resv_len = 0;
+    }
+    d->nextra = nextra;
+    if (d->sock < 0 || d->nqueues == 0)
+        return 0; /* not connected: the next connect sends it */
+    return send_mem_table(d);
+}
+
 static int handshake(vu_dev *d, unsigned queues, unsigned qsize)
 {
     int rc;
@@ -551,23 +621,8 @@ static int handshake(vu_dev *d, unsigned queues, unsigned qsize)
         if (d->event_idx)
             *used_event_p(vq) = d->poll ? (uint16_t)0x8000 : 0;
     }
-    {
-        struct vu_msg m = {.request = VHOST_USER_SET_MEM_TABLE};
-        m.p.mem.nregions = 2;
-        m.p.mem.padding = 0;
-        const vu_region *rs[2] = {&d->ring, d->data};
-        int fds[2];
-        for (int i = 0; i < 2; i++) {
-            m.p.mem.regions[i].guest_phys_addr = (uint64_t)(uintptr_t)rs[i]->base;
-            m.p.mem.regions[i].memory_size = rs[i]->size;
-            m.p.mem.regions[i].userspace_addr = (uint64_t)(uintptr_t)rs[i]->base;
-            m.p.mem.regions[i].mmap_offset = 0;
-            fds[i] = rs[i]->fd;
-        }
-        m.size = 8 + 2 * sizeof(struct vu_mem_region);
-        if ((rc = send_set(d, &m, fds, 2)))
-            return rc;
-    }
+    if ((rc = send_mem_table(d)))
+        return rc;
     for (unsigned i = 0; i < queues; i++) {
         vu_vq *vq = &d->vqs[i];
         vq->kick_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
@@ -608,6 +663,12 @@ static int handshake(vu_dev *d, unsigned queues, unsigned qsize)
 int vu_dev_connect(vu_dev *d, const char *path, const vu_region *data, unsigned queues, unsigned qsize,
                    unsigned flags, int timeout_ms)
 {
+    return vu_dev_connect_mem(d, path, data, NULL, 0, queues, qsize, flags, timeout_ms);
+}
+
+int vu_dev_connect_mem(vu_dev *d, const char *path, const vu_region *data, const vu_region *extra,
+                       unsigned nextra, unsigned queues, unsigned qsize, unsigned flags, int timeout_ms)
+{
     memset(d, 0, sizeof *d);
     d->sock = -1;
     d->ring.fd = -1;
@@ -626,6 +687,9 @@ int vu_dev_connect(vu_dev *d, const char *path, const vu_region *data, unsigned 
         seterr(d, "data region is closed");
         return -EINVAL;
     }
+    int erc = vu_dev_set_memory(d, extra, nextra); /* not connected yet: only records them */
+    if (erc)
+        return erc;
     struct sockaddr_un sa = {.sun_family = AF_UNIX};
     if (strlen(path) >= sizeof sa.sun_path) {
         seterr(d, "socket path too long: %s", path);
@@ -745,7 +809,7 @@ int vu_enqueue(vu_dev *d, unsigned q, int type, uint64_t offset, const struct io
         uint64_t a = (uint64_t)(uintptr_t)iov[i].iov_base, l = iov[i].iov_len;
         if (l == 0 || (type != VU_OP_GET_ID && (l & 511)))
             return -EINVAL;
-        if (!vu_region_contains(d->data, a, l))
+        if (!vu_dev_mem_contains(d, a, l))
             return -EFAULT;
         total += l;
     }

@@ -26,6 +26,9 @@
 
 #define VU_MAX_QUEUES 16
 #define VU_ERRLEN 256
+/* SET_MEM_TABLE carries at most 8 regions (VHOST_USER_MAX_FDS): the ring region, the data region,
+ * and up to 6 regions of memory the caller owns (the pool's staging arena). */
+#define VU_MAX_EXTRA 6
 
 /* vu_region_create() huge-page modes */
 enum { VU_HUGE_NEVER = 0, VU_HUGE_REQUIRE = 1, VU_HUGE_AUTO = 2 };
@@ -97,6 +100,10 @@ typedef struct vu_dev {
     int timeout_ms;
     vu_region ring;
     const vu_region *data;
+    /* Caller-owned memory shared with the target as well (copies of the descriptors; the fds stay
+     * the caller's and are never closed here).  Part of every SET_MEM_TABLE this device sends. */
+    vu_region extra[VU_MAX_EXTRA];
+    unsigned nextra;
     vu_vq vqs[VU_MAX_QUEUES];
     char err[VU_ERRLEN];
 } vu_dev;
@@ -110,10 +117,30 @@ static inline int vu_region_contains(const vu_region *r, uint64_t addr, uint64_t
     return r->base && addr >= b && len <= r->size && addr - b <= r->size - len;
 }
 
+/* Whether [addr, addr+len) lies in one region of d's memory table (the data region or an extra one). */
+static inline int vu_dev_mem_contains(const vu_dev *d, uint64_t addr, uint64_t len)
+{
+    if (vu_region_contains(d->data, addr, len))
+        return 1;
+    for (unsigned i = 0; i < d->nextra; i++)
+        if (vu_region_contains(&d->extra[i], addr, len))
+            return 1;
+    return 0;
+}
+
 /* Connection ---------------------------------------------------------------------------------- */
 /* Connects, negotiates and starts `queues` virtqueues of `qsize` entries.  0 or -errno (d->err says why). */
 int vu_dev_connect(vu_dev *d, const char *path, const vu_region *data, unsigned queues, unsigned qsize,
                    unsigned flags, int timeout_ms);
+/* The same, with `nextra` caller-owned regions (fd, base, size; base 4 KiB aligned, size a 4 KiB
+ * multiple) in the memory table from the first SET_MEM_TABLE on. */
+int vu_dev_connect_mem(vu_dev *d, const char *path, const vu_region *data, const vu_region *extra,
+                       unsigned nextra, unsigned queues, unsigned qsize, unsigned flags, int timeout_ms);
+/* Replace the extra regions and, on a live connection, send the whole memory table again
+ * (SET_MEM_TABLE; acknowledged when REPLY_ACK is negotiated).  The caller must have no request
+ * outstanding: a target may unmap and remap every region while it handles the message.  0 or
+ * -errno; after an error the connection is unusable (the target may hold any table). */
+int vu_dev_set_memory(vu_dev *d, const vu_region *extra, unsigned nextra);
 /* Stops the rings (GET_VRING_BASE) if the socket is still up, then closes everything.  Idempotent. */
 int vu_dev_shutdown(vu_dev *d);
 /* Closes everything without talking to the target (one that is hung or already gone). */

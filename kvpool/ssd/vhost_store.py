@@ -7,8 +7,15 @@ over it) reads what ``vhost://`` wrote, and back.
 
 Options: ``capacity`` (bounds the device's size from its virtio config lower), ``queues`` (0 = all the target
 offers), ``poll=1`` (busy-poll completions), ``region`` (bytes of memory shared with the target; default the
-bounce buffer plus 16 MiB), ``bounce``, ``timeout`` (seconds: every request's deadline), ``format=1``,
-``policy``, ``direct``, ``hugetlb`` (``1`` requires 2 MiB huge pages for the region, ``0`` never).
+bounce buffer plus 2 MiB, and 4 MiB of metadata staging on top), ``bounce`` (default 32 MiB), ``timeout``
+(seconds: every request's deadline), ``format=1``, ``policy``, ``direct``, ``hugetlb`` (``1`` requires 2 MiB
+huge pages for the region and the staging arena, ``0`` never for the region).
+
+Memory. Under a :class:`~kvpool.KVPool` the pool's staging arena is shared with the target as well
+(:meth:`VhostTransport.attach_memory`): ``get`` results and ``pool.empty()`` tensors are read straight from the
+device, and puts of arena tensors written straight to it. The region itself then serves only memory outside the
+arena -- ``get_into`` a caller's own tensor, puts of a caller's tensors, unaligned range reads -- which is why
+its default bounce buffer is modest; raise ``bounce`` when puts of private tensors dominate.
 
 Faults. The target dying, restarting or missing a deadline fails the batch in flight: reads become misses,
 writes raise :class:`~kvpool.errors.BackendError`, and ``faults`` counts it. The next call reconnects when the
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import errno as errno_mod
+import logging
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -48,9 +56,15 @@ if TYPE_CHECKING:
     from typing import Self
 
     from ..config import BackendSpec
+    from ..storage.staging import StagingArena
 
 __all__ = ["VhostBackend", "VhostTransport"]
 
+log = logging.getLogger("kvpool.ssd.vhost")
+
+# Bounce buffer default: only memory outside the shared staging arena is staged through it (a caller's own
+# tensors, unaligned range reads), so it is modest; the arena is what restores land in.
+_BOUNCE = 32 << 20
 _STAGE = 4 << 20  # region bytes for ops whose memory the target cannot reach (metadata, private staging)
 _MAX_IO = 8 << 20
 _BACKOFF_MIN, _BACKOFF_MAX = 0.05, 2.0
@@ -65,9 +79,12 @@ class VhostTransport(BlockTransport):
     a fault (module docstring of :mod:`kvpool.ssd.vhost_store`).
     """
 
-    def __init__(self, t: VhostBlkTransport, name: str, reconnect_timeout: float) -> None:
+    def __init__(self, t: VhostBlkTransport, name: str, reconnect_timeout: float,
+                 hugetlb: bool | None = None) -> None:
         self.name = name
         self._t = t
+        self._hugetlb = hugetlb
+        self._arena: StagingArena | None = None
         self._fixed: list[int] = []  # base address of each registered buffer
         self._stage = t.alloc(_STAGE)
         self._stage_lock = asyncio.Lock()
@@ -75,6 +92,7 @@ class VhostTransport(BlockTransport):
         self._backoff = _BACKOFF_MIN
         self._next_try = 0.0
         self.counters = {"faults": 0, "reconnects": 0, "reconnect_failures": 0, "staged_ops": 0}
+        self.arena_shared = False
 
     @classmethod
     async def connect(cls, socket: str, *, queues: int = 0, region_bytes: int = 64 << 20, poll: bool = False,
@@ -85,7 +103,7 @@ class VhostTransport(BlockTransport):
         except OSError as exc:
             raise BackendError(exc.errno or errno_mod.EIO, f"cannot connect to vhost target {socket}: {exc}",
                                socket) from exc
-        return cls(t, socket, reconnect_timeout=min(timeout, 1.0))
+        return cls(t, socket, reconnect_timeout=min(timeout, 1.0), hugetlb=hugetlb)
 
     @property
     def raw(self) -> VhostBlkTransport:
@@ -117,6 +135,37 @@ class VhostTransport(BlockTransport):
     # --- memory ------------------------------------------------------------------------------------------
     def mem_ok(self, addr: int, n: int) -> bool:
         return addr % 4 == 0 and n % 512 == 0 and self._t.contains(addr, n)
+
+    async def attach_memory(self, arena: StagingArena) -> None:
+        """Add the pool's staging arena (its memfd) to the memory table shared with the target, now and on
+        every reconnect, so ``get`` results and ``pool.empty`` tensors are read into with no copy.
+
+        Not shared (reads into it keep going through the bounce buffer, logged once): an arena that is not a
+        memfd, and a 4 KiB-page arena when ``hugetlb=1`` asked for huge pages (SPDK in ``iova=pa`` mode cannot
+        DMA into memory that is not physically contiguous per 2 MiB, and refuses to register it).
+        """
+        if arena.fd is None:
+            log.warning("vhost target %s: the staging arena is not shared memory (no memfd); reads into it are "
+                        "copied through the bounce buffer", self.name)
+            return
+        if self._hugetlb and not arena.hugetlb:
+            log.warning("vhost target %s: hugetlb=1 but the %d MiB staging arena got 4 KiB pages (reserve more "
+                        "vm.nr_hugepages); not shared with the target, reads into it are copied through the "
+                        "bounce buffer", self.name, arena.nbytes >> 20)
+            return
+        self._arena = arena
+        try:
+            await self._t.add_memory(arena.fd, arena.address, arena.nbytes)
+        except (VhostDisconnectedError, VhostTimeoutError) as exc:
+            # the connection was dropped mid-update; the arena stays in the table the next connection sends
+            self.counters["faults"] += 1
+            self._next_try = 0.0
+            log.warning("vhost target %s: %s; the staging arena is shared from the next connection on",
+                        self.name, exc)
+        except (VhostError, OSError, ValueError) as exc:
+            raise BackendError(getattr(exc, "errno", None) or errno_mod.EIO,
+                               f"vhost target {self.name}: cannot share the staging arena: {exc}", self.name) from exc
+        self.arena_shared = True
 
     def alloc(self, nbytes: int) -> DeviceBuffer:
         b = self._t.alloc(nbytes)
@@ -220,6 +269,7 @@ class VhostTransport(BlockTransport):
         t = self._t
         return {**super().stats(), "transport": "vhost", "queues": t.num_queues if t.connected else 0,
                 "poll": t.poll_mode, "connected": t.connected, "region_hugetlb": t.region_hugetlb,
+                "arena_shared": self.arena_shared, "mem_table_updates": t.stats["mem_table_updates"],
                 **self.counters}
 
 
@@ -237,13 +287,17 @@ class VhostBackend(UringBackend):
     poll
         Busy-poll completions (lowest latency, a core spins while I/O is in flight).
     region
-        Bytes shared with the target (default: ``bounce`` + 16 MiB).
+        Bytes of the transport's own region shared with the target (default: ``bounce`` + 2 MiB; the pool's
+        staging arena is shared on top of it).
     timeout
         Seconds: every request's deadline and the handshake's limit.
     hugetlb
         ``True`` requires 2 MiB huge pages for the region (SPDK in iova=pa mode), ``False`` never uses them,
-        ``None`` uses them where reserved.
-    bounce, policy, direct, format, readonly
+        ``None`` uses them where reserved. With ``True`` a staging arena that did not get huge pages is not
+        shared (reads into it bounce; logged).
+    bounce
+        Bytes staging I/O on memory the target cannot reach (default 32 MiB: see the module docstring).
+    policy, direct, format, readonly
         As for :class:`~kvpool.ssd.store.UringBackend`.
     """
 
@@ -261,10 +315,10 @@ class VhostBackend(UringBackend):
         region: int | None = None,
         timeout: float = 10.0,
         hugetlb: bool | None = None,
-        bounce: int = 64 << 20,
+        bounce: int = _BOUNCE,
         policy: str | EvictionPolicy = "lru",
         direct: bool = True,
-        format: bool = False,  # noqa: A002
+        format: bool = False,
         readonly: bool = False,
     ) -> None:
         if not socket:
@@ -273,7 +327,7 @@ class VhostBackend(UringBackend):
                          readonly=readonly)
         self._queues = queues
         self._poll = poll
-        self._region_bytes = region if region is not None else self._bounce_bytes + (16 << 20)
+        self._region_bytes = region if region is not None else self._bounce_bytes + (2 << 20)
         if self._region_bytes < self._bounce_bytes + (2 << 20):
             raise ConfigError(f"vhost://{socket}: region={self._region_bytes} must exceed bounce="
                               f"{self._bounce_bytes} by at least 2 MiB")
@@ -297,7 +351,7 @@ class VhostBackend(UringBackend):
             region=spec.size("region"),
             timeout=timeout,
             hugetlb=hugetlb,
-            bounce=spec.size("bounce", 64 << 20) or (64 << 20),
+            bounce=spec.size("bounce", _BOUNCE) or _BOUNCE,
             policy=spec.params.get("policy", "lru"),
             direct=spec.flag("direct", True),
             format=spec.flag("format"),

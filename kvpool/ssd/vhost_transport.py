@@ -1,7 +1,8 @@
 """asyncio block transport over a vhost-user-blk target (SPDK's vhost, qemu-storage-daemon).
 
-The process shares one memfd *region* with the target; I/O buffers must lie in it (the target
-DMAs straight into them).  Requests travel as descriptor chains in split virtqueues that live in a
+The process shares one memfd *region* with the target, and optionally more memory the caller owns
+(:meth:`VhostBlkTransport.add_memory`: the pool's staging arena, so reads land where the pool wants
+them); I/O buffers must lie in that memory (the target DMAs straight into them).  Requests travel as descriptor chains in split virtqueues that live in a
 second, per-connection shared region.  The data path makes no syscall except one eventfd write per
 batch and queue (the kick, skipped when the target says it is polling) and, in eventfd mode, one
 eventfd read per completion wake-up.
@@ -40,15 +41,18 @@ import asyncio
 import bisect
 import collections
 import errno
+import os
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple, Protocol, Self, cast
 
-import kvpool._vhost as _vhost  # noqa: PLR0402  (mypy cannot see the compiled submodule otherwise)
 import torch
 
+import kvpool._vhost as _vhost  # noqa: PLR0402  (mypy cannot see the compiled submodule otherwise)
+
 __all__ = [
+    "MAX_EXTRA_REGIONS",
     "OP_FLUSH",
     "OP_READ",
     "OP_WRITE",
@@ -71,6 +75,8 @@ _F_BLK_RO: Final[int] = int(_vhost.F_BLK_RO)
 _F_BLK_FLUSH: Final[int] = int(_vhost.F_BLK_FLUSH)
 _SECTOR: Final = 512
 _ALIGN: Final = 4096
+#: caller-owned regions one connection's memory table takes beside the data and ring regions
+MAX_EXTRA_REGIONS: Final = 6
 
 
 #: Raised by the native layer for handshake/protocol failures (an :class:`OSError`).
@@ -204,6 +210,7 @@ class _Device(Protocol):
     def publish(self, q: int) -> bool: ...
     def reap(self, q: int, drain: bool = True) -> list[tuple[int, int, int, int]]: ...
     def poll(self, spin_ns: int) -> int: ...
+    def set_memory(self, extra: Sequence[tuple[int, int, int]]) -> None: ...
     def check_alive(self) -> int: ...
     def shutdown(self) -> None: ...
     def abort(self) -> None: ...
@@ -328,6 +335,11 @@ class VhostBlkTransport:
         self._region = region
         self._tensor = torch.frombuffer(cast(Any, region), dtype=torch.uint8)
         self._alloc = _Allocator(region.size)
+        # caller-owned memory in the memory table too: (our dup of its fd, address, size)
+        self._extra: list[tuple[int, int, int]] = []
+        # (start, end) of all of it, the region first: what contains() scans
+        self._spans: tuple[tuple[int, int], ...] = ((region.address, region.address + region.size),)
+        self._paused = 0  # > 0 while the memory table is being replaced: nothing new is staged
         self._quarantine: list[tuple[int, int]] = []
         self._withheld: list[RegionBuffer] = []
         self._want_queues = queues
@@ -413,7 +425,8 @@ class VhostBlkTransport:
             try:
                 dev = cast(_Device, await asyncio.to_thread(
                     _vhost.Device, self._path, self._region, self._want_queues, self._queue_size,
-                    self._poll, self._event_idx, max(1, int(min(left, self._timeout) * 1000))))
+                    self._poll, self._event_idx, max(1, int(min(left, self._timeout) * 1000)),
+                    list(self._extra)))
                 break
             except OSError as e:
                 # The socket not being there yet (target restarting) is worth waiting for.
@@ -515,8 +528,144 @@ class VhostBlkTransport:
     # -- region memory --------------------------------------------------------------------------------
 
     def contains(self, addr: int, length: int) -> bool:
-        """Whether ``[addr, addr + length)`` lies inside the shared region."""
-        return length > 0 and self._region.contains(addr, length)
+        """Whether ``[addr, addr + length)`` lies inside memory shared with the target: the region, or one
+        span given to :meth:`add_memory`."""
+        # Called for every iovec of every op (the store asks per memory run): plain comparisons over a
+        # tuple of (start, end), no native call or generator.
+        end = addr + length
+        for a, e in self._spans:
+            if a <= addr and end <= e:
+                return length > 0
+        return False
+
+    @property
+    def shared_memory(self) -> list[tuple[int, int]]:
+        """``(address, size)`` of the memory added with :meth:`add_memory`, in table order."""
+        return [(a, n) for _fd, a, n in self._extra]
+
+    async def add_memory(self, fd: int, address: int, nbytes: int) -> None:
+        """Share ``nbytes`` of the caller's memory at ``address`` with the target as well.
+
+        ``address`` must be the start of a ``MAP_SHARED`` mapping of the memfd ``fd`` at offset 0 (the
+        pool's staging arena). The transport keeps its own duplicate of ``fd`` (the caller may close
+        its own), and every later connection's memory table includes the span. On a live connection
+        the table is sent again (``SET_MEM_TABLE``, which every vhost-user target handles and
+        qemu-storage-daemon and SPDK both implement by unmapping and remapping all regions): staging
+        of new requests pauses until the requests the target holds have completed, so nothing is in
+        flight while the target remaps. From then on ops may use the span (:meth:`contains`). The
+        memory must stay mapped until :meth:`aclose`.
+
+        Idempotent for a span already added. Cancelled while requests drain, it leaves nothing shared;
+        cancelled once the table is on its way, it waits for the target's answer first (the span is then
+        shared) and re-raises.
+
+        Parameters
+        ----------
+        fd
+            The memfd ``address`` maps (duplicated: the caller keeps its own).
+        address
+            Start of the mapping (4 KiB aligned; what descriptors will carry).
+        nbytes
+            Bytes of it to share (a multiple of 4 KiB).
+
+        Raises
+        ------
+        ValueError
+            Misaligned (4 KiB), overlapping memory already in the table, or more than
+            :data:`MAX_EXTRA_REGIONS` spans.
+        VhostDisconnectedError, VhostTimeoutError
+            The target went away or did not finish its requests in time while the table was being
+            replaced; the connection was dropped, the span is kept for the next connection.
+        """
+        if self._closed:
+            raise VhostDisconnectedError(errno.ENOTCONN, "VhostBlkTransport is closed")
+        if any(a == address and n == nbytes for _fd, a, n in self._extra):
+            return
+        if nbytes <= 0 or address % _ALIGN or nbytes % _ALIGN:
+            raise ValueError(f"shared memory must be 4 KiB aligned and sized, got ({address:#x}, {nbytes})")
+        spans = [(self._region.address, self._region.size), *self.shared_memory]
+        if any(address < a + n and a < address + nbytes for a, n in spans):
+            raise ValueError(f"({address:#x}, {nbytes}) overlaps memory already shared with the target")
+        if len(self._extra) >= MAX_EXTRA_REGIONS:
+            raise ValueError(f"at most {MAX_EXTRA_REGIONS} spans can be shared beside the region")
+        own = os.dup(fd)  # non-inheritable, like every fd Python makes
+        entry = (own, address, nbytes)
+        dev = self._dev
+        if dev is None:
+            self._keep(entry)  # the next connection's first SET_MEM_TABLE carries it
+            return
+        kept = False
+        self._paused += 1
+        try:
+            try:
+                await self._quiesce(dev, time.monotonic() + self._timeout)
+            except VhostTimeoutError:
+                self._keep(entry)  # the connection was dropped: the next one carries the span
+                kept = True
+                raise
+            if self._dev is not dev:  # dropped while draining
+                self._keep(entry)
+                kept = True
+                raise VhostDisconnectedError(errno.ECONNRESET, f"vhost-user target {self._path}: "
+                                             f"{self._last_error} (while sharing memory)")
+            loop = self._loop
+            assert loop is not None
+            # The reply to SET_MEM_TABLE arrives on the socket: _on_socket would take it for an unsolicited
+            # message, so the socket is not watched while the thread waits for it.
+            loop.remove_reader(dev.sock_fd)
+            fut = asyncio.ensure_future(asyncio.to_thread(dev.set_memory, [*self._extra, entry]))
+            # Once the message is on its way the target may be remapping: nothing may touch the rings or the
+            # socket until the thread is back, so a cancellation waits for it (bounded by the timeout the
+            # native layer puts on the reply) and is re-raised afterwards.
+            cancelled = False
+            while not fut.done():
+                try:
+                    await asyncio.shield(fut)
+                except asyncio.CancelledError:
+                    cancelled = True
+                except (OSError, ValueError):
+                    break
+            try:
+                fut.result()
+            except ValueError:
+                loop.add_reader(dev.sock_fd, self._on_socket)  # refused before anything was sent
+                raise
+            except OSError as e:
+                # The target may now hold any memory table: this connection is unusable; the next carries it.
+                self._keep(entry)
+                kept = True
+                exc = VhostDisconnectedError(e.errno or errno.EIO, f"vhost-user target {self._path}: "
+                                             f"SET_MEM_TABLE failed: {e}")
+                self._fail(exc)
+                raise exc from e
+            self._keep(entry)
+            kept = True
+            self.stats["mem_table_updates"] += 1
+            if self._dev is dev:
+                loop.add_reader(dev.sock_fd, self._on_socket)  # an EOF meanwhile fires it at once
+            if cancelled:
+                raise asyncio.CancelledError
+        finally:
+            if not kept:
+                os.close(own)  # never shared: a cancelled or refused call leaves no trace
+            self._paused -= 1
+            self._pump()
+
+    def _keep(self, entry: tuple[int, int, int]) -> None:
+        """Record a shared span: :meth:`contains` accepts it, every later connection's table carries it."""
+        self._extra.append(entry)
+        self._spans = (*self._spans, (entry[1], entry[1] + entry[2]))
+
+    async def _quiesce(self, dev: _Device, deadline: float) -> None:
+        """Wait until the target holds no request of ours (staging is paused by the caller)."""
+        while self._dev is dev and any(dev.queue_info(q)["outstanding"] for q in range(dev.num_queues)):
+            if time.monotonic() >= deadline:
+                self.stats["timeouts"] += 1
+                self._fail(VhostTimeoutError(errno.ETIMEDOUT, f"vhost-user target {self._path} did not complete "
+                                             "its requests within the deadline; treating it as hung"))
+                raise VhostTimeoutError(errno.ETIMEDOUT, f"vhost-user target {self._path}: requests did not "
+                                        "drain before the memory table could be replaced")
+            await asyncio.sleep(0.0005)
 
     def alloc(self, nbytes: int) -> RegionBuffer:
         """Allocate ``nbytes`` (rounded up to 4 KiB) of the shared region.
@@ -563,10 +712,10 @@ class VhostBlkTransport:
             for a, n in op.iovs:
                 if n <= 0 or n % _SECTOR:
                     raise ValueError(f"op {i}: iovec length {n} is not a positive multiple of {_SECTOR}")
-                if not self._region.contains(a, n):
+                if not self.contains(a, n):
                     raise ValueError(f"op {i}: iovec ({a:#x}, {n}) is outside the shared region "
-                                     f"[{self._region.address:#x}, +{self._region.size}); the target "
-                                     "cannot reach it")
+                                     f"[{self._region.address:#x}, +{self._region.size}) and the memory "
+                                     "added to it; the target cannot reach it")
 
     async def submit(self, ops: Iterable[VhostOp], *, timeout: float | None = None) -> list[int]:
         """Run ``ops`` (any mix of reads, writes and flushes) and return per-op results.
@@ -663,7 +812,7 @@ class VhostBlkTransport:
     def _pump(self) -> None:
         """Stage waiting ops into queues with free descriptors; publish (kick) each queue once."""
         dev = self._dev
-        if dev is None:
+        if dev is None or self._paused:
             return
         nq = dev.num_queues
         touched = 0
@@ -890,7 +1039,15 @@ class VhostBlkTransport:
             return
         await self._shutdown_dev()
         self._closed = True
+        if self._watchdog is not None:
+            # a pending timer references this transport (and so its region) until it fires: up to `timeout`
+            self._watchdog.cancel()
+            self._watchdog = None
         self._region.close()  # the mapping lives on while tensors view it
+        extra, self._extra = self._extra, []
+        self._spans = ()
+        for fd, _a, _n in extra:
+            os.close(fd)
 
     async def __aenter__(self) -> Self:
         return self

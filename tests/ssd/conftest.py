@@ -3,10 +3,6 @@ vhost-user-blk targets (real qemu-storage-daemon processes) over image files."""
 
 from __future__ import annotations
 
-import shutil
-import signal
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,55 +12,15 @@ import pytest
 # re-exported here for the SSD tests that import it from this conftest.
 from harness.loopdev import attach_loop, detach_loop, loop_unavailable  # noqa: F401
 
+from kvpool.testing.servers import QemuStorageDaemon, qemu_storage_daemon
+
 MiB = 1 << 20
 IMAGE_BYTES = 64 * MiB
-QSD = shutil.which("qemu-storage-daemon")
+QSD = qemu_storage_daemon()
 
 
-class Daemon:
-    """One qemu-storage-daemon exporting ``image`` as vhost-user-blk on ``sock``."""
-
-    def __init__(self, image: Path, sock: Path, queues: int = 2) -> None:
-        self.image, self.sock, self.queues = image, sock, queues
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        assert QSD is not None
-        self.sock.unlink(missing_ok=True)
-        self.proc = subprocess.Popen(
-            [QSD,
-             "--blockdev", f"driver=file,node-name=f0,filename={self.image},cache.direct=on,aio=io_uring",
-             "--export", (f"type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path={self.sock},"
-                         f"writable=on,num-queues={self.queues}")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 10
-        while not self.sock.exists():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"qemu-storage-daemon exited: {self.proc.stderr.read()!r}")  # type: ignore[union-attr]
-            if time.monotonic() > deadline:
-                raise RuntimeError("qemu-storage-daemon did not create its socket")
-            time.sleep(0.01)
-
-    def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()  # SIGKILL also ends a stopped process; no SIGCONT, it would run first
-            self.proc.wait(10)
-        self.proc = None
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
+#: one qemu-storage-daemon exporting an image as vhost-user-blk (the starter shipped in kvpool.testing)
+Daemon = QemuStorageDaemon
 
 
 def make_image(path: Path, nbytes: int = IMAGE_BYTES) -> Path:
@@ -87,3 +43,21 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
         d.kill()
 
 
+@pytest.fixture
+def hugepages() -> Iterator[int]:
+    """Reserve 8 more 2 MiB pages for the test (restored afterwards); skip if that is not possible."""
+    p = Path("/proc/sys/vm/nr_hugepages")
+    want = 8
+    try:
+        old = int(p.read_text())
+        p.write_text(f"{old + want}\n")
+    except OSError as e:
+        pytest.skip(f"cannot reserve huge pages: {e}")
+    try:
+        free = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                    if line.startswith("HugePages_Free:"))
+        if free < want:
+            pytest.skip(f"only {free} huge pages could be reserved")
+        yield want
+    finally:
+        p.write_text(f"{old}\n")

@@ -9,6 +9,7 @@ process mid-write.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import random
 import signal
@@ -18,11 +19,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import QSD, Daemon, MiB, make_image  # type: ignore[import-not-found]
-from kvpool import BackendError, ConfigError
+from kvpool import BackendError, ConfigError, KVLayout, KVPool
 from kvpool.ssd.store import UringBackend
 from kvpool.ssd.vhost_store import VhostBackend
 from kvpool.storage.backend import Backend, ReadRequest
@@ -291,3 +293,114 @@ async def test_sigkill_mid_write_keeps_acknowledged_puts(tmp_path: Path) -> None
                     assert torch.equal(out, data_of(run, i))
     finally:
         d.kill()
+
+
+# --- under a KVPool: the staging arena shared with the target ---------------------------------------------
+
+
+def _small_layout() -> KVLayout:
+    # 4 KiB per (layer, k/v) run of a chunk: every run of a chunk view is a whole number of sectors
+    return KVLayout(num_layers=2, num_kv_heads=2, head_dim=64, dtype=torch.float16, chunk_tokens=16)
+
+
+def _vhost_tier(pool: KVPool) -> VhostBackend:
+    (tier,) = pool.tiers
+    assert isinstance(tier, VhostBackend)
+    return tier
+
+
+async def test_pool_reads_into_the_shared_arena_with_no_copy(daemon: Daemon) -> None:
+    lay = _small_layout()
+    tokens = np.arange(64, dtype=np.int64)
+    kv = torch.randn(lay.kv_shape(64), dtype=lay.dtype)
+    async with await KVPool.open(layout=lay, model_id="vhost-arena",
+                                 backends=[f"vhost://{daemon.sock}?format=1"]) as pool:
+        await pool.ready()  # only populated arena memory is handed out
+        tier = _vhost_tier(pool)
+        st = tier.stats()
+        assert st["arena_shared"] and st["mem_table_updates"] == 1  # sent again on the live connection
+        t = tier.transport
+        assert t is not None and (pool._staging.address, pool._staging.nbytes) in t.raw.shared_memory
+        assert await pool.put(tokens, kv) == 64
+        s0 = tier.stats()
+        got = await pool.get(tokens)
+        out = pool.empty(64)
+        assert await pool.get_into(tokens, out) == 64
+        s1 = tier.stats()
+        assert torch.equal(got, kv) and torch.equal(out, kv)
+        assert pool._staging.contains(got.data_ptr(), got.numel() * 2)  # results live in the arena ...
+        assert s1["direct_reads"] - s0["direct_reads"] == 8  # ... and were read there by the target:
+        assert s1["bounce_reads"] == s0["bounce_reads"]  # no bounce buffer,
+        assert s1["staged_ops"] == s0["staged_ops"]  # no staged copy
+        # a caller's own tensor is outside the shared memory: that read does bounce (the counters discriminate)
+        mine = torch.empty(lay.kv_shape(64), dtype=lay.dtype)
+        assert await pool.get_into(tokens, mine) == 64 and torch.equal(mine, kv)
+        s2 = tier.stats()
+        assert s2["bounce_reads"] - s1["bounce_reads"] == 4 and s2["direct_reads"] == s1["direct_reads"]
+
+
+async def test_pool_target_restarted_mid_restore_shares_the_arena_again(daemon: Daemon) -> None:
+    lay = _small_layout()
+    prompts = [np.arange(64, dtype=np.int64) + i * 1000 for i in range(6)]
+    kvs = [torch.randn(lay.kv_shape(64), dtype=lay.dtype) for _ in prompts]
+    async with await KVPool.open(layout=lay, model_id="vhost-arena",
+                                 backends=[f"vhost://{daemon.sock}?format=1&timeout=1"]) as pool:
+        await pool.ready()
+        tier = _vhost_tier(pool)
+        for p, kv in zip(prompts, kvs):
+            assert await pool.put(p, kv) == 64  # acknowledged: on the image
+        daemon.signal(signal.SIGSTOP)  # the restore below is in flight when the target dies
+        t0 = time.monotonic()
+        task = asyncio.ensure_future(asyncio.gather(*(pool.get(p) for p in prompts)))
+        await asyncio.sleep(0.2)
+        daemon.kill()
+        lost = await task
+        assert time.monotonic() - t0 < 3  # bounded by the deadline
+        assert all(x.shape[2] == 0 for x in lost)  # misses, not exceptions, not garbage
+        del lost
+        t = tier.transport
+        assert t is not None and t.counters["faults"] >= 1
+        daemon.start()
+        s0 = tier.stats()
+        deadline = time.monotonic() + 10
+        got = await pool.get(prompts[0])
+        while got.shape[2] == 0 and time.monotonic() < deadline:  # the next call after the back-off reconnects
+            await asyncio.sleep(0.1)
+            got = await pool.get(prompts[0])
+        assert got.shape[2] == 64 and torch.equal(got, kvs[0])
+        assert t.counters["reconnects"] >= 1
+        # the new connection's table holds the arena again: every read lands in it directly
+        outs = await asyncio.gather(*(pool.get(p) for p in prompts))
+        for x, kv in zip(outs, kvs):
+            assert x.shape[2] == 64 and torch.equal(x, kv)
+            assert pool._staging.contains(x.data_ptr(), x.numel() * 2)
+        s1 = tier.stats()
+        assert s1["bounce_reads"] == s0["bounce_reads"] and s1["direct_reads"] - s0["direct_reads"] >= 4 * 7
+
+
+async def test_pool_hugetlb_required_keeps_a_4k_page_arena_private(hugepages: int, daemon: Daemon) -> None:
+    """``hugetlb=1`` (SPDK in iova=pa mode): the region takes the reserved pages, the 64 MiB arena gets none,
+    so it is not offered to the target (SPDK could not DMA into it); reads into it bounce and stay correct."""
+    lay = _small_layout()
+    tokens = np.arange(32, dtype=np.int64)
+    kv = torch.randn(lay.kv_shape(32), dtype=lay.dtype)
+    async with await KVPool.open(layout=lay, model_id="vhost-arena",
+                                 backends=[f"vhost://{daemon.sock}?format=1&hugetlb=1&bounce=4MiB"]) as pool:
+        await pool.ready()
+        tier = _vhost_tier(pool)
+        st = tier.stats()
+        assert st["region_hugetlb"] and not pool._staging.hugetlb
+        assert not st["arena_shared"] and st["mem_table_updates"] == 0
+        assert await pool.put(tokens, kv) == 32
+        s0 = tier.stats()
+        got = await pool.get(tokens)
+        assert torch.equal(got, kv)
+        s1 = tier.stats()
+        assert s1["bounce_reads"] - s0["bounce_reads"] == 2 and s1["direct_reads"] == s0["direct_reads"]
+        t = tier.transport
+        assert t is not None
+        start = f"{t.raw.region_address:x}-"
+    # the region's huge pages are unmapped once the closed pool is dropped (nothing scheduled keeps it alive)
+    del pool, tier, got, t
+    gc.collect()
+    assert not [m for m in Path("/proc/self/maps").read_text().splitlines() if m.startswith(start)]

@@ -13,7 +13,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -329,24 +329,104 @@ async def test_aclose_is_idempotent_and_final(daemon: Daemon) -> None:
         await t.submit([VhostOp.flush()])
 
 
-@pytest.fixture
-def hugepages() -> Iterator[int]:
-    """Reserve 2 MiB pages for the test (restored afterwards); skip if that is not possible."""
-    p = Path("/proc/sys/vm/nr_hugepages")
-    want = 8
+# --- memory the caller owns, shared beside the region ----------------------------------------------------
+
+
+class _Memfd:
+    """A MAP_SHARED memfd mapping (what the pool's staging arena is), with its address."""
+
+    def __init__(self, nbytes: int) -> None:
+        import ctypes
+        import mmap
+
+        self.fd = os.memfd_create("test-extra", os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, nbytes)
+        self.map = mmap.mmap(self.fd, nbytes, flags=mmap.MAP_SHARED)
+        self.addr = ctypes.addressof(ctypes.c_char.from_buffer(self.map))
+        self.nbytes = nbytes
+        self.tensor = torch.frombuffer(self.map, dtype=torch.uint8)
+
+
+async def test_add_memory_live_then_across_a_restart(transport: VhostBlkTransport, daemon: Daemon) -> None:
+    src = transport.alloc(4 * MiB)
+    src.tensor.copy_(rand(4 * MiB, 21))
+    assert await transport.submit([VhostOp.write(8 * MiB, src.iov())]) == [4 * MiB]
+    m = _Memfd(8 * MiB)
+    with pytest.raises(ValueError, match="outside the shared region"):  # not shared yet: refused, not sent
+        await transport.submit([VhostOp.read(8 * MiB, [(m.addr, 4096)])])
+    # requests in flight while the table is replaced: they finish first, new ones wait for the new table
+    scratch = transport.alloc(4 * MiB)
+    busy = asyncio.ensure_future(transport.submit([VhostOp.read(0, scratch.iov())] * 16))
+    await asyncio.sleep(0)
+    assert transport.in_flight > 0
+    await transport.add_memory(m.fd, m.addr, m.nbytes)
+    os.close(m.fd)  # the transport keeps its own descriptor
+    assert busy.done() and busy.result() == [4 * MiB] * 16
+    assert transport.stats["mem_table_updates"] == 1 and transport.contains(m.addr + 4096, 4096)
+    await transport.add_memory(m.fd, m.addr, m.nbytes)  # the same span again: nothing to send
+    assert transport.stats["mem_table_updates"] == 1
+    assert await transport.submit([VhostOp.read(8 * MiB, [(m.addr + 2 * MiB, 4 * MiB)])]) == [4 * MiB]
+    assert torch.equal(m.tensor[2 * MiB:6 * MiB], src.tensor)
+    # writes from it too, checked in the image file
+    m.tensor[:MiB].copy_(rand(MiB, 22))
+    assert await transport.submit([VhostOp.write(30 * MiB, [(m.addr, MiB)])]) == [MiB]
+    assert file_read(daemon.image, 30 * MiB, MiB) == bytes(m.tensor[:MiB].numpy())
+    # a restarted target gets the memory in the first table of the new connection
+    daemon.kill()
+    daemon.start()
+    with pytest.raises(VhostDisconnectedError):
+        await transport.submit([VhostOp.read(0, [(m.addr, 4096)])])
+    await transport.reconnect(timeout=5)
+    m.tensor.zero_()
+    assert await transport.submit([VhostOp.read(8 * MiB, [(m.addr, 4 * MiB)])]) == [4 * MiB]
+    assert torch.equal(m.tensor[:4 * MiB], src.tensor)
+    assert transport.stats["mem_table_updates"] == 1  # no live update needed: the connect carried it
+
+
+async def test_add_memory_cancelled_while_draining_shares_nothing(transport: VhostBlkTransport,
+                                                                   daemon: Daemon) -> None:
+    buf = transport.alloc(MiB)
+    m = _Memfd(4 * MiB)
     try:
-        old = int(p.read_text())
-        p.write_text(f"{old + want}\n")
-    except OSError as e:
-        pytest.skip(f"cannot reserve huge pages: {e}")
-    try:
-        free = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
-                    if line.startswith("HugePages_Free:"))
-        if free < want:
-            pytest.skip(f"only {free} huge pages could be reserved")
-        yield want
+        daemon.signal(signal.SIGSTOP)  # a request the target holds and does not finish
+        busy = asyncio.ensure_future(transport.submit([VhostOp.read(0, buf.iov())]))
+        await asyncio.sleep(0.05)
+        adding = asyncio.ensure_future(transport.add_memory(m.fd, m.addr, m.nbytes))
+        await asyncio.sleep(0.1)
+        assert not adding.done()  # waiting for the target to give the request back
+        later = asyncio.ensure_future(transport.submit([VhostOp.read(MiB, buf.iov())]))
+        await asyncio.sleep(0.05)
+        assert not later.done()  # new requests wait while the table is about to change
+        adding.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await adding
+        daemon.signal(signal.SIGCONT)
+        assert await busy == [MiB] and await later == [MiB]  # staging resumed
+        assert transport.shared_memory == [] and not transport.contains(m.addr, 4096)
+        assert transport.stats["mem_table_updates"] == 0
+        with pytest.raises(ValueError, match="outside"):
+            await transport.submit([VhostOp.read(0, [(m.addr, 4096)])])
     finally:
-        p.write_text(f"{old}\n")
+        daemon.signal(signal.SIGCONT)
+        os.close(m.fd)
+
+
+async def test_add_memory_refuses_what_cannot_be_shared(transport: VhostBlkTransport) -> None:
+    m = _Memfd(4 * MiB)
+    try:
+        with pytest.raises(ValueError, match="4 KiB"):
+            await transport.add_memory(m.fd, m.addr + 512, 2 * MiB)
+        with pytest.raises(ValueError, match="overlaps"):
+            await transport.add_memory(m.fd, transport.region_address, 2 * MiB)
+        await transport.add_memory(m.fd, m.addr, 2 * MiB)
+        with pytest.raises(ValueError, match="overlaps"):
+            await transport.add_memory(m.fd, m.addr + MiB, 2 * MiB)
+        assert transport.shared_memory == [(m.addr, 2 * MiB)]
+        # the span's end is the end: an op running past it is refused before submission
+        with pytest.raises(ValueError, match="outside"):
+            await transport.submit([VhostOp.read(0, [(m.addr + 2 * MiB - 4096, 8192)])])
+    finally:
+        os.close(m.fd)
 
 
 async def test_hugetlb_region_round_trip(daemon: Daemon, hugepages: int) -> None:
