@@ -46,6 +46,9 @@ def test_makespan_of_a_weighted_split_is_near_one(nbytes: int, weights: list[flo
     pieces = split_by_weight(nbytes, weights, align=4096)
     m = makespan(pieces, weights)
     assert m >= 1.0 - 1e-9
-    if nbytes >= 4096 * 64 * len(weights):  # many alignment units each: rounding costs little
+    # every device's share is many alignment units: rounding (each device at most one unit off its exact share)
+    # costs little. It is the LIGHTEST share that counts: 331 units over weights [1, 1, 1, 1, 21] give the light
+    # devices 13.24 units each, and one unit more on one of them is already 1.057x.
+    if nbytes * min(weights) / sum(weights) >= 4096 * 64:
         assert m < 1.05
     assert makespan([nbytes] + [0] * (len(weights) - 1), [1.0] * len(weights)) >= (len(weights) if nbytes else 1)
