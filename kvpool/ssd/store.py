@@ -154,6 +154,8 @@ class UringBackend(IndexedMembership, PolicyHints, ReadLayer):
             "bytes_written": 0,
             "direct_reads": 0,
             "bounce_reads": 0,
+            "arena_staging": 0,  # groups staged in the pool's arena
+            "bounce_staging": 0,  # groups staged in the store's own bounce buffer (the arena had no room)
             "checkpoints": 0,
             "recovered_objects": 0,
             "dropped_on_recovery": 0,

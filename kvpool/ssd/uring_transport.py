@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
+import torch
 
 from ..storage.buffers import alloc_aligned, buffer_address
 from ..storage.settle import wait_uncancellable
@@ -43,8 +44,6 @@ from .ops import Kind, Op
 from .state import log
 from .transport import BlockTransport, DeviceBuffer
 from .uring_engine import UringEngine
-
-import torch
 
 if TYPE_CHECKING:
     from ..storage.staging import StagingArena
