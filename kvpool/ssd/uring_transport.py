@@ -22,6 +22,7 @@ I/O runs, so nothing is ever quiesced:
 A kernel that refuses a registration (RLIMIT_MEMLOCK for an unprivileged process: ENOMEM; no sparse tables:
 EINVAL) costs the fixed ops only: logged once, counted (``register_failures``), plain READV/WRITEV carry on.
 Where the sparse table itself is refused, the bounce buffer is registered the old way (IORING_REGISTER_BUFFERS).
+``KVPOOL_URING_FIXED=0`` in the environment leaves the arena unregistered (to measure what fixed ops save).
 """
 
 from __future__ import annotations
@@ -228,6 +229,9 @@ class UringTransport(BlockTransport):
         if self._arena is not None:
             return
         self._arena = arena
+        if os.environ.get("KVPOOL_URING_FIXED", "1") == "0":  # benchmarks: the same run without fixed ops
+            log.info("%s: KVPOOL_URING_FIXED=0: the staging arena is not registered", self.name)
+            return
         if not self._sparse:
             self._refused("the kernel has no sparse buffer table (Linux 5.19+)")
             return
