@@ -84,17 +84,34 @@ class SpaceLayer(StoreState):
     _bounce: Bounce | None
     _staging: StagingArena | None
 
+    _arena_inflight: int  # this store's groups holding arena staging now
+    _arena_freed: asyncio.Event  # set (and replaced) when one of them gives its slice back
+
     async def _stage(self, need: int) -> Stage:
-        """``need`` bytes of staging memory for one group: from the pool's arena when it has room now and
-        the device reaches it with no copy (never waiting for it: a group that waited for arena memory held
-        by ``get`` results could wait for itself), else from the bounce buffer (waiting for room there)."""
+        """``need`` bytes of staging memory for one group, from the pool's arena where the device reaches it
+        with no copy, else from the bounce buffer (waiting for room there).
+
+        When the arena is full, a group waits only while this store's own groups hold arena staging: those
+        give it back within one I/O, so waiting cannot deadlock and the bounce buffer -- 256 MiB that would be
+        faulted in -- stays untouched under a burst of concurrent reads. When the rest is held by others
+        (``get`` results a caller keeps), it falls back to the bounce buffer at once: waiting for memory the
+        caller itself holds could last forever.
+        """
         arena = self._staging
-        if arena is not None and self._transport is not None:
-            t = arena.try_empty((need,), torch.uint8)
-            if t is not None and self._transport.mem_ok(t.data_ptr(), need):
-                self.counters["arena_staging"] += 1
-                return Stage(t, t.data_ptr(), need)
-            del t  # back to the arena at once
+        if arena is not None and self._transport is not None and need <= arena.nbytes:
+            while True:
+                t = arena.try_empty((need,), torch.uint8)
+                if t is not None:
+                    if not self._transport.mem_ok(t.data_ptr(), need):
+                        break  # memory this transport cannot reach with no copy (t goes back on return)
+                    self.counters["arena_staging"] += 1
+                    self._arena_inflight += 1
+                    return Stage(t, t.data_ptr(), need)
+                if self._arena_inflight == 0:
+                    break
+                self.counters["arena_waits"] += 1
+                # no await between the failed try and this wait: a release cannot slip in unseen
+                await self._arena_freed.wait()
         assert self._bounce is not None
         off = await self._bounce.get(need)
         self.counters["bounce_staging"] += 1
@@ -102,11 +119,18 @@ class SpaceLayer(StoreState):
         return Stage(b.tensor[off : off + need], b.addr + off, need, b.index, off)
 
     async def _unstage(self, stage: Stage) -> None:
-        """Give a group's staging memory back (only once no op of the group is in flight on it)."""
+        """Give a group's staging memory back (only once no op of the group is in flight on it). The caller
+        holds no other view of it."""
         if stage.bounce_off is not None:
             assert self._bounce is not None
             await self._bounce.put(stage.bounce_off, stage.nbytes)
-        # an arena slice returns to the arena when its last view goes: the caller drops its Stage
+            return
+        # an arena slice returns to the arena when its last view goes: this one
+        # (no await here: a cancellation cannot leave the count of slices held wrong)
+        stage.tensor = torch.empty(0, dtype=torch.uint8)
+        self._arena_inflight -= 1
+        freed, self._arena_freed = self._arena_freed, asyncio.Event()
+        freed.set()
 
     def _release(self, e: fmt.Entry) -> None:
         e.dead = True

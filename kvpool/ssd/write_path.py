@@ -34,6 +34,8 @@ class WriteLayer(OpenLayer):
         """Split a batch so that each group's staging memory fits in half the bounce buffer."""
         assert self._bounce is not None
         cap = self._bounce.alloc.capacity // 2
+        if self._staging is not None:  # a group's staging comes from the arena: several must fit in it at once
+            cap = min(cap, max(self._staging.nbytes // 4, BLOCK))
         groups, start, acc = [], 0, 0
         for i, n in enumerate(sizes):
             n = n if n <= self._bounce.alloc.capacity else 0  # larger ones use private staging memory
