@@ -125,7 +125,6 @@ class _Slot:
         return self.state == "pinned"
 
 
-
 class UringTransport(BlockTransport):
     """io_uring on an O_DIRECT descriptor (opened and locked by the store, which owns ``fd``)."""
 
@@ -204,7 +203,8 @@ class UringTransport(BlockTransport):
         if self._sparse:
             # pinned on first use (see the module docstring); a slot index now, so ops can name it
             if len(self._slots) >= _SLOTS:
-                raise self._no_slot()
+                with ssd_errors(self.name, "cannot register the bounce buffer"):
+                    raise self._no_slot()
             self._slots.append(_Slot(buf.addr, buf.nbytes, buf.handle))
             return len(self._slots) - 1
         with ssd_errors(self.name, "cannot register the bounce buffer"):
