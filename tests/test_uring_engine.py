@@ -762,3 +762,54 @@ def test_native_ring_selftest(tool: str, tmp_path: Path) -> None:
     res = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120, env=env)
     assert res.returncode == 0, res.stdout + res.stderr
     assert res.stdout.startswith("ok "), res.stdout
+
+
+# --------------------------------------------------------------------------- sparse buffer table
+
+
+def test_sparse_table_filled_from_a_thread_while_reads_run(direct_fd: int, tmp_path: Path) -> None:
+    """IORING_REGISTER_BUFFERS2 (sparse) + IORING_REGISTER_BUFFERS_UPDATE: a slot is filled from another thread
+    while this one keeps submitting and reaping; an empty slot is refused by validation, a filled one cannot
+    be filled twice, and fixed ops into it move the right bytes."""
+    data = pattern(8 << 20, 3)
+    with open(tmp_path / "direct.bin", "r+b") as f:  # the same file, through the page cache
+        f.write(data)
+    ring = _uring.Ring(64)
+    ring.register_files([direct_fd])
+    ring.register_buffers_sparse(4)
+    with pytest.raises(RuntimeError):
+        ring.register_buffers_sparse(4)  # one table per ring
+    with pytest.raises(ValueError, match="out of range"):
+        ring.check([fixed(OP_READ, 0, 1, 0, 4096)])  # slot 1 is still empty
+    big = alloc_aligned(64 << 20)
+    memoryview(big)[:: 4096] = b"\1" * (len(big) // 4096)  # populated, as an arena is
+    small = alloc_aligned(1 << 20)
+    err: list[BaseException] = []
+
+    def fill() -> None:
+        try:
+            ring.update_buffers(1, big)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            err.append(exc)
+
+    th = threading.Thread(target=fill)
+    th.start()
+    reads = 0
+    while th.is_alive() or reads < 4:  # plain READV all along, each checked
+        assert ring.submit([(OP_READ, 7, 0, 4096 * reads, ("iov", [(buffer_address(small), 4096)]))]) == 1
+        ring.wait(1)
+        assert ring.reap() == [(7, 4096)]
+        assert bytes(small[:4096]) == data[4096 * reads : 4096 * (reads + 1)]
+        reads += 1
+    th.join()
+    assert not err, err
+    with pytest.raises(ValueError, match="filled"):
+        ring.update_buffers(1, small)
+    assert ring.submit([fixed(OP_READ, 1 << 20, 1, (32 << 20) + 512, 1 << 20)]) == 1
+    ring.wait(1)
+    assert ring.reap() == [(0, 1 << 20)]
+    assert bytes(big[(32 << 20) + 512 : (33 << 20) + 512]) == data[1 << 20 : 2 << 20]
+    with pytest.raises(BufferError):
+        big.close()  # the ring holds an export of the registered memory...
+    ring.close()
+    big.close()  # ...until it is closed

@@ -562,7 +562,7 @@ Ring_close(RingObject *self, PyObject *Py_UNUSED(ignored))
     while (!self->r.closed) {
         if (self->waiters > 0) {
             ring_unlock(self);
-            PyErr_SetString(PyExc_RuntimeError, "cannot close a Ring while another thread waits on it");
+            PyErr_SetString(PyExc_RuntimeError, "cannot close a Ring while another thread waits on it or updates it");
             return NULL;
         }
         kv_ring_drain_cq(&self->r, 1);
@@ -659,8 +659,8 @@ unregister_common(RingObject *self, int files)
         PyErr_SetString(PyExc_ValueError, files ? "no files registered" : "no buffers registered");
         goto fail;
     }
-    if (self->r.in_kernel + self->r.stash_len > 0) {
-        PyErr_SetString(PyExc_RuntimeError, "cannot unregister while operations are in flight");
+    if (self->r.in_kernel + self->r.stash_len > 0 || self->waiters > 0) {
+        PyErr_SetString(PyExc_RuntimeError, "cannot unregister while operations or updates are in flight");
         goto fail;
     }
     int rc = files ? kv_ring_unregister_files(&self->r) : kv_ring_unregister_buffers(&self->r);
@@ -767,6 +767,120 @@ fail_nolock:
     return NULL;
 }
 
+/* A table of n empty slots, filled later with update_buffers() while ops run. */
+static PyObject *
+Ring_register_buffers_sparse(RingObject *self, PyObject *arg)
+{
+    Py_ssize_t n = PyLong_AsSsize_t(arg);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    if (n < 1 || n > UINT16_MAX + 1) {
+        PyErr_SetString(PyExc_ValueError, "a sparse buffer table has 1..65536 slots");
+        return NULL;
+    }
+    Py_buffer *views = PyMem_Calloc((size_t)n, sizeof(Py_buffer)); /* obj NULL: an empty slot */
+    if (views == NULL)
+        return PyErr_NoMemory();
+    if (ring_lock(self) < 0) {
+        PyMem_Free(views);
+        return NULL;
+    }
+    if (check_open(self) < 0)
+        goto fail;
+    if (self->r.bufs_registered) {
+        PyErr_SetString(PyExc_RuntimeError, "buffers already registered; call unregister_buffers() first");
+        goto fail;
+    }
+    int rc = kv_ring_register_buffers_sparse(&self->r, (uint32_t)n);
+    if (rc == -ENOMEM) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    if (rc < 0) {
+        set_oserror(-rc, "io_uring_register(IORING_REGISTER_BUFFERS2, IORING_RSRC_REGISTER_SPARSE)");
+        goto fail;
+    }
+    self->views = views;
+    self->nr_views = n;
+    ring_unlock(self);
+    Py_RETURN_NONE;
+fail:
+    ring_unlock(self);
+    PyMem_Free(views);
+    return NULL;
+}
+
+/* Fill one empty slot of a sparse table.  The pinning syscall runs with neither the GIL nor the ring lock
+ * held, so the thread that submits and reaps carries on meanwhile (its io_uring_enter waits in the kernel
+ * for the ring's mutex while the pages are pinned; ops already in flight complete).  The slot can be named
+ * by fixed ops once this returns. */
+static PyObject *
+Ring_update_buffers(RingObject *self, PyObject *args)
+{
+    Py_ssize_t slot;
+    PyObject *obj;
+    if (!PyArg_ParseTuple(args, "nO:update_buffers", &slot, &obj))
+        return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(obj, &view, PyBUF_WRITABLE) < 0) {
+        if (PyErr_ExceptionMatches(PyExc_TypeError) || PyErr_ExceptionMatches(PyExc_BufferError)) {
+            PyErr_Clear();
+            PyErr_SetString(PyExc_TypeError, "update_buffers needs a writable, contiguous buffer");
+        }
+        return NULL;
+    }
+    if (view.len <= 0 || (uint64_t)view.len > KV_MAX_REG_BUF_LEN) {
+        PyErr_Format(PyExc_ValueError, "a buffer of %zd bytes; registered buffers must be 1 B..1 GiB", view.len);
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    if (ring_lock(self) < 0) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    if (check_open(self) < 0)
+        goto fail;
+    if (!self->r.bufs_registered || self->views == NULL || self->nr_views != (Py_ssize_t)self->r.nr_bufs) {
+        PyErr_SetString(PyExc_ValueError, "no sparse buffer table registered");
+        goto fail;
+    }
+    if (slot < 0 || slot >= self->nr_views) {
+        PyErr_Format(PyExc_ValueError, "slot %zd out of range (%zd slots)", slot, self->nr_views);
+        goto fail;
+    }
+    if (self->views[slot].obj != NULL) {
+        PyErr_Format(PyExc_ValueError, "slot %zd is filled or being filled", slot);
+        goto fail;
+    }
+    struct iovec iov = {view.buf, (size_t)view.len};
+    self->views[slot] = view; /* exported from now on: the kernel pins this memory */
+    int fd = self->r.ring_fd;  /* close() refuses while waiters > 0, so fd stays valid */
+    self->waiters++;
+    ring_unlock(self);
+
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = kv_sys_update_buffers(fd, (uint32_t)slot, &iov, 1);
+    Py_END_ALLOW_THREADS
+
+    (void)ring_lock(self); /* cannot fail: this thread released it above */
+    self->waiters--;
+    if (rc >= 0)
+        rc = kv_ring_note_buffers(&self->r, (uint32_t)slot, &iov, 1);
+    if (rc < 0) {
+        memset(&self->views[slot], 0, sizeof(Py_buffer));
+        ring_unlock(self);
+        PyBuffer_Release(&view);
+        return set_oserror(-rc, "io_uring_register(IORING_REGISTER_BUFFERS_UPDATE)");
+    }
+    ring_unlock(self);
+    Py_RETURN_NONE;
+fail:
+    ring_unlock(self);
+    PyBuffer_Release(&view);
+    return NULL;
+}
+
 /* --- attributes -------------------------------------------------------- */
 
 static PyObject *
@@ -838,6 +952,13 @@ static PyMethodDef Ring_methods[] = {
     {"register_buffers", (PyCFunction)Ring_register_buffers, METH_O,
      "register_buffers(bufs) -> None\n\nIORING_REGISTER_BUFFERS; views stay exported until unregistered/closed."},
     {"unregister_buffers", (PyCFunction)Ring_unregister_buffers, METH_NOARGS, "unregister_buffers() -> None"},
+    {"register_buffers_sparse", (PyCFunction)Ring_register_buffers_sparse, METH_O,
+     "register_buffers_sparse(n) -> None\n\nA table of n empty buffer slots (IORING_REGISTER_BUFFERS2 with\n"
+     "IORING_RSRC_REGISTER_SPARSE, Linux 5.19+), filled one by one with update_buffers()."},
+    {"update_buffers", (PyCFunction)Ring_update_buffers, METH_VARARGS,
+     "update_buffers(slot, buf) -> None\n\nIORING_REGISTER_BUFFERS_UPDATE of one empty slot (<= 1 GiB), with the GIL and\n"
+     "the ring lock released while the kernel pins it (ops keep running); buf stays exported until\n"
+     "unregistered/closed."},
     {"submit", (PyCFunction)Ring_submit, METH_O,
      "submit(ops) -> int\n\nValidate the whole batch, queue it and submit. Returns how many ops the kernel took\n"
      "(only fewer than len(ops) if it refused the rest; those were not queued).\n"

@@ -670,6 +670,57 @@ kv_ring_unregister_buffers(kv_ring *r)
     return rc;
 }
 
+int
+kv_ring_register_buffers_sparse(kv_ring *r, uint32_t n)
+{
+    if (n == 0)
+        return -EINVAL;
+    struct iovec *table = calloc((size_t)n, sizeof(*table)); /* iov_len 0: an empty slot */
+    if (table == NULL)
+        return -ENOMEM;
+    struct io_uring_rsrc_register reg;
+    memset(&reg, 0, sizeof(reg));
+    reg.nr = n;
+    reg.flags = IORING_RSRC_REGISTER_SPARSE;
+    /* BUFFERS2 takes the size of its argument in nr_args */
+    int rc = do_register(r, IORING_REGISTER_BUFFERS2, &reg, (unsigned)sizeof(reg));
+    if (rc < 0) {
+        free(table);
+        return rc;
+    }
+    r->bufs = table;
+    r->nr_bufs = n;
+    r->bufs_registered = 1;
+    return 0;
+}
+
+int
+kv_sys_update_buffers(int ring_fd, uint32_t off, const struct iovec *bufs, uint32_t n)
+{
+    struct io_uring_rsrc_update2 up;
+    memset(&up, 0, sizeof(up));
+    up.offset = off;
+    up.data = (uint64_t)(uintptr_t)bufs;
+    up.nr = n;
+    int ret;
+    do {
+        ret = kv_sys_register(ring_fd, IORING_REGISTER_BUFFERS_UPDATE, &up, (unsigned)sizeof(up));
+    } while (ret < 0 && errno == EINTR);
+    if (ret < 0)
+        return -errno;
+    /* the kernel returns how many slots it updated; fewer than asked is a failure of the rest */
+    return ret == (int)n ? ret : -EIO;
+}
+
+int
+kv_ring_note_buffers(kv_ring *r, uint32_t off, const struct iovec *bufs, uint32_t n)
+{
+    if (!r->bufs_registered || off > r->nr_bufs || n > r->nr_bufs - off)
+        return -EINVAL;
+    memcpy(&r->bufs[off], bufs, (size_t)n * sizeof(*bufs));
+    return 0;
+}
+
 /* --- probe ------------------------------------------------------------- */
 
 int

@@ -168,6 +168,18 @@ int kv_ring_register_files(kv_ring *r, const int32_t *fds, uint32_t n);
 int kv_ring_unregister_files(kv_ring *r);
 int kv_ring_register_buffers(kv_ring *r, const struct iovec *bufs, uint32_t n);
 int kv_ring_unregister_buffers(kv_ring *r);
+/* A table of n empty buffer slots (IORING_REGISTER_BUFFERS2 with IORING_RSRC_REGISTER_SPARSE, 5.19+),
+ * filled later slot by slot with kv_sys_update_buffers + kv_ring_note_buffers while ops are in flight.
+ * 0 or -errno (-EINVAL on kernels without it). */
+int kv_ring_register_buffers_sparse(kv_ring *r, uint32_t n);
+/* IORING_REGISTER_BUFFERS_UPDATE of slots [off, off + n) of ring_fd: the raw syscall, with no kv_ring state
+ * touched, so a host may run it without the ring's lock while another thread submits (pinning a GiB takes
+ * tens of milliseconds).  The kernel takes the ring's own mutex meanwhile: submissions wait in the kernel,
+ * in-flight ops run on.  Returns n or -errno. */
+int kv_sys_update_buffers(int ring_fd, uint32_t off, const struct iovec *bufs, uint32_t n);
+/* Record slots [off, off + n) as filled with bufs after kv_sys_update_buffers succeeded (ops are validated
+ * against this copy of the table).  0, or -EINVAL when the range lies outside the table. */
+int kv_ring_note_buffers(kv_ring *r, uint32_t off, const struct iovec *bufs, uint32_t n);
 
 /* Probe the kernel: supported[op] = 1 for each supported IORING_OP_* (array
  * of KV_PROBE_OPS), *features and *sqpoll_ok.  0 or -errno (*what set). */

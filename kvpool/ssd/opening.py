@@ -243,3 +243,4 @@ class OpenLayer(JournalLayer):
             os.close(self._fd)
             self._fd = -1
         self._bounce = None
+        self._staging = None  # the pool's arena is attached again by the pool that reopens us

@@ -5,7 +5,9 @@ only whole parts can be verified. Where those bytes land is the plan's one decis
 
 - ``direct``: straight into the caller's tensor, when it is exactly the covered range and its memory meets the
   device's O_DIRECT alignment (no copy at all);
-- ``bounce``: a slice of the registered bounce buffer (READ_FIXED), then one ``copy_`` into the caller's tensor;
+- ``bounce``: a slice of the group's staging memory (:class:`~kvpool.ssd.space.Stage`: the pool's arena,
+  else the store's bounce buffer; fixed ops where the transport registered it), then one ``copy_`` into the
+  caller's tensor;
 - ``staging``: a private aligned tensor, when the bounce buffer cannot hold the read.
 """
 
@@ -41,7 +43,7 @@ class ReadPlan:
     r0: int
     r1: int
     runs: list[tuple[int, int]]  # the memory the device reads [r0, align_up(r1)) into, laid end to end
-    bounce: tuple[int, int] | None = None  # (offset, length) in the bounce buffer
+    bounce: tuple[int, int] | None = None  # (offset, length) in the group's staging memory
     staging: torch.Tensor | None = None  # private aligned memory when the bounce buffer is full
 
     @property
@@ -52,7 +54,7 @@ class ReadPlan:
     def nbytes(self) -> int:
         return self.r1 - self.r0
 
-    def finish(self, bounce: torch.Tensor) -> bool:
+    def finish(self, bounce: torch.Tensor | None) -> bool:
         """Verify the covered parts and copy the asked-for range out of staging memory. Releases the GIL in
         xxhash and torch, so large plans run in worker threads; False when a checksum does not match."""
         e, r = self.entry, self.request
@@ -63,6 +65,7 @@ class ReadPlan:
         if not self.direct:
             n = nbytes_of(r.dest)
             if self.bounce is not None:
+                assert bounce is not None
                 base = bounce[self.bounce[0] : self.bounce[0] + self.bounce[1]]
             else:
                 assert self.staging is not None
@@ -100,7 +103,7 @@ class ReadLayer(WriteLayer):
         # reserve staging only for reads that will not go straight into the caller's memory
         need = sum(sp for sp in map(self._bounce_need, requests) if sp <= self._bounce.alloc.capacity)
         need = need if need <= self._bounce.alloc.capacity else 0
-        res_base = await self._bounce.get(need) if need else 0
+        stage = await self._stage(need) if need else None
         cursor = 0
         results = [False] * len(requests)
         plans: list[ReadPlan] = []
@@ -136,11 +139,11 @@ class ReadLayer(WriteLayer):
                     plan_ops = self._iov_ops(Kind.READ, [(tmp.data_ptr(), span)], file_off)
                     self.counters["bounce_reads"] += 1
                 else:
-                    boff = res_base + cursor
+                    assert stage is not None
+                    boff = cursor
                     cursor += span
-                    plan = ReadPlan(i, r, e, r0, r1, [(self._bounce.addr + boff, span)], bounce=(boff, span))
-                    plan_ops = [Op.read_fixed(file_off + o, self._bounce.index, boff + o, min(self._max_io, span - o))
-                                for o in range(0, span, self._max_io)]
+                    plan = ReadPlan(i, r, e, r0, r1, [(stage.addr + boff, span)], bounce=(boff, span))
+                    plan_ops = stage.ops(Kind.READ, file_off, boff, span, self._max_io)
                     self.counters["bounce_reads"] += 1
                 plans.append(plan)
                 ops.extend(plan_ops)
@@ -151,7 +154,7 @@ class ReadLayer(WriteLayer):
                 log.warning("%s: %s; %d reads are misses", self.path, exc, len(plans))
                 res = [-(exc.errno or errno_mod.EIO)] * len(ops)
             failed = {owner for owner, rv, op in zip(op_owner, res, ops) if rv != op.nbytes}
-            bounce_t = self._bounce.tensor
+            bounce_t = stage.tensor if stage is not None else None
             todo = [p for p in range(len(plans)) if p not in failed]
             for p in failed:
                 self.counters["read_errors"] += 1
@@ -176,8 +179,10 @@ class ReadLayer(WriteLayer):
                 self.counters["bytes_read"] += nbytes_of(r.dest)
                 self.policy.touch(r.key)
         finally:
-            if need:
-                await self._bounce.put(res_base, need)
+            bounce_t = None
+            if stage is not None:  # every op on it has completed: submit waits for them even when cancelled
+                await self._unstage(stage)
+                stage = None
             for e in pinned:
                 self._unpin(e)
         return results

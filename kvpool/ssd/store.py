@@ -37,6 +37,7 @@ such.
 
 from __future__ import annotations
 
+import asyncio
 import errno as errno_mod
 import os
 from collections.abc import Sequence
@@ -131,6 +132,8 @@ class UringBackend(IndexedMembership, PolicyHints, ReadLayer):
         self._fd = -1
         self._transport = None
         self._staging: StagingArena | None = None  # the pool's, once attached
+        self._arena_inflight = 0
+        self._arena_freed = asyncio.Event()
         self._bounce = None
         self._geo = None
         self._alloc = None
@@ -154,6 +157,9 @@ class UringBackend(IndexedMembership, PolicyHints, ReadLayer):
             "bytes_written": 0,
             "direct_reads": 0,
             "bounce_reads": 0,
+            "arena_staging": 0,  # groups staged in the pool's arena
+            "bounce_staging": 0,  # groups staged in the store's own bounce buffer (the arena had no room)
+            "arena_waits": 0,  # times a group waited for arena staging this store's other groups held
             "checkpoints": 0,
             "recovered_objects": 0,
             "dropped_on_recovery": 0,
@@ -235,6 +241,8 @@ class UringBackend(IndexedMembership, PolicyHints, ReadLayer):
         self._check_open()
         assert self._transport is not None
         self._staging = arena
+        self._arena_inflight = 0
+        self._arena_freed = asyncio.Event()
         await self._transport.attach_memory(arena)
 
     @property

@@ -79,6 +79,8 @@ class _Ring(Protocol):
     def unregister_files(self) -> None: ...
     def register_buffers(self, bufs: list[object]) -> None: ...
     def unregister_buffers(self) -> None: ...
+    def register_buffers_sparse(self, n: int) -> None: ...
+    def update_buffers(self, slot: int, buf: object) -> None: ...
     def check(self, ops: list[RawOp]) -> None: ...
     def submit(self, ops: list[RawOp]) -> int: ...
     def reap(self) -> list[tuple[int, int]]: ...
@@ -149,6 +151,22 @@ class UringEngine:
     def register_buffers(self, bufs: list[object]) -> None:
         self._check_open()
         self._ring.register_buffers(list(bufs))
+
+    def register_buffers_sparse(self, n: int) -> None:
+        """A table of ``n`` empty buffer slots (IORING_REGISTER_BUFFERS2, IORING_RSRC_REGISTER_SPARSE; Linux
+        5.19+), filled one at a time by :meth:`update_buffers`; ``OSError`` where the kernel refuses it."""
+        self._check_open()
+        self._ring.register_buffers_sparse(n)
+
+    def update_buffers(self, slot: int, buf: object) -> None:
+        """Fill the empty ``slot`` with ``buf`` (at most 1 GiB) while ops keep running.
+
+        Blocking (the kernel pins the pages), with the GIL released: call it from a worker thread
+        (``asyncio.to_thread``). ``buf`` stays exported until the ring is closed or unregistered. ``OSError``
+        when the kernel refuses (ENOMEM past RLIMIT_MEMLOCK, EFAULT, ...): the slot stays empty.
+        """
+        self._check_open()
+        self._ring.update_buffers(slot, buf)
 
     def unregister_files(self) -> None:
         self._check_open()

@@ -6,25 +6,57 @@ read from ``statx(STATX_DIOALIGN)`` (``stx_dio_mem_align``; files on ext4/xfs an
 then confirmed with one real O_DIRECT read at that alignment (a wrong value would turn every direct read
 into EINVAL, i.e. a miss). NVMe drives usually accept 4-byte aligned memory, so plain ``torch.empty``
 tensors go straight to the device; a virtio disk with ``dma_alignment`` 511 needs 512.
+
+Fixed buffers (issue 10). The ring holds a *sparse* table of buffer slots (IORING_REGISTER_BUFFERS2 with
+IORING_RSRC_REGISTER_SPARSE, Linux 5.19+), filled one slot at a time with IORING_REGISTER_BUFFERS_UPDATE while
+I/O runs, so nothing is ever quiesced:
+
+- the pool's staging arena (:meth:`UringTransport.attach_memory`), once populated, in pieces of at most 1 GiB
+  (the kernel's limit per buffer), each pinned in a worker thread with the GIL released; an op whose memory is
+  one segment inside a registered piece is submitted as READ_FIXED / WRITE_FIXED (``stats()['fixed_ops']``),
+  so the store keeps building plain ``Op.read_iov`` ops and never learns which memory is registered;
+- the store's own bounce buffer (:meth:`UringTransport.register`): its slot is filled only when the bounce is
+  first used and no arena is attached -- pinning faults in every page, and with an arena the bounce is a
+  rarely used fallback whose memory should stay untouched. Until then its fixed ops go out as READV.
+
+A kernel that refuses a registration (RLIMIT_MEMLOCK for an unprivileged process: ENOMEM; no sparse tables:
+EINVAL) costs the fixed ops only: logged once, counted (``register_failures``), plain READV/WRITEV carry on.
+Where the sparse table itself is refused, the bounce buffer is registered the old way (IORING_REGISTER_BUFFERS).
+``KVPOOL_URING_FIXED=0`` in the environment leaves the arena unregistered (to measure what fixed ops save).
 """
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
+import errno
 import os
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import attrs
+import torch
 
 from ..storage.buffers import alloc_aligned, buffer_address
+from ..storage.settle import wait_uncancellable
 from .errors import ssd_errors
-from .ops import Op
+from .ops import Kind, Op
+from .state import log
 from .transport import BlockTransport, DeviceBuffer
 from .uring_engine import UringEngine
 
-import torch
+if TYPE_CHECKING:
+    from ..storage.staging import StagingArena
 
 __all__ = ["UringTransport", "dio_mem_align"]
+
+_T = TypeVar("_T")
+
+#: slots of the sparse buffer table: the bounce buffer and the arena's pieces (63 GiB of arena at most)
+_SLOTS = 64
+#: the kernel's limit per registered buffer (io_uring/rsrc.c: SZ_1G)
+_PIECE = 1 << 30
 
 _MAX_IO = 8 << 20
 _IOV_MAX = 512
@@ -76,6 +108,23 @@ def dio_mem_align(fd: int) -> tuple[int, str]:
     return _SECTOR, "default"
 
 
+@attrs.define(slots=True, eq=False)
+class _Slot:
+    """One slot of the ring's buffer table: memory the transport may name in fixed ops once ``pinned``."""
+
+    addr: int
+    nbytes: int
+    obj: Any  # what the kernel is handed (a buffer object); exported by the ring while registered
+    arena: bool = False
+    #: "empty" (fixed ops naming it go out as READV/WRITEV), "pinning" (in a worker thread), "pinned" (ops
+    #: may name it), "refused" (the kernel said no: never tried again)
+    state: str = "empty"
+
+    @property
+    def pinned(self) -> bool:
+        return self.state == "pinned"
+
+
 class UringTransport(BlockTransport):
     """io_uring on an O_DIRECT descriptor (opened and locked by the store, which owns ``fd``)."""
 
@@ -86,7 +135,19 @@ class UringTransport(BlockTransport):
         self._is_block = is_block_device
         self._engine = UringEngine(entries=entries, sqpoll=sqpoll)
         self._engine.register_files([fd])
-        self._registered: list[DeviceBuffer] = []
+        self._slots: list[_Slot] = []
+        # the sparse table, where the kernel has one; else the bounce buffer is registered the old way
+        try:
+            self._engine.register_buffers_sparse(_SLOTS)
+            self._sparse = True
+        except OSError as exc:
+            self._sparse = False
+            log.info("%s: no sparse io_uring buffer table (%s); the staging arena is not registered", name, exc)
+        self._arena: StagingArena | None = None
+        self._arena_slots: list[int | None] = []  # per 1 GiB piece of the arena: its slot once pinned
+        self._tasks: set[asyncio.Task[Any]] = set()  # registrations running in worker threads
+        self._warned = False
+        self.counters = {"fixed_ops": 0, "registered_bytes": 0, "register_failures": 0}
         st = os.fstat(fd)
         kb = _sysfs_queue(st, is_block_device, "max_sectors_kb")
         # the device's max_sectors_kb: the block layer splits anything larger, and some devices -- throttled
@@ -139,17 +200,157 @@ class UringTransport(BlockTransport):
         pass
 
     def register(self, buf: DeviceBuffer) -> int:
+        if self._sparse:
+            # pinned on first use (see the module docstring); a slot index now, so ops can name it
+            if len(self._slots) >= _SLOTS:
+                with ssd_errors(self.name, "cannot register the bounce buffer"):
+                    raise self._no_slot()
+            self._slots.append(_Slot(buf.addr, buf.nbytes, buf.handle))
+            return len(self._slots) - 1
         with ssd_errors(self.name, "cannot register the bounce buffer"):
-            self._registered.append(buf)
-            if len(self._registered) > 1:
+            if self._slots:
                 self._engine.unregister_buffers()
-            self._engine.register_buffers([b.handle for b in self._registered])
-        return len(self._registered) - 1
+            try:
+                self._engine.register_buffers([s.obj for s in self._slots] + [buf.handle])
+            except BaseException:
+                if self._slots:  # put the previous table back
+                    self._engine.register_buffers([s.obj for s in self._slots])
+                raise
+            self._slots.append(_Slot(buf.addr, buf.nbytes, buf.handle, state="pinned"))
+            self.counters["registered_bytes"] += buf.nbytes
+        return len(self._slots) - 1
+
+    def _no_slot(self) -> OSError:
+        return OSError(errno.ENOSPC, f"all {_SLOTS} io_uring buffer slots are in use")
+
+    async def attach_memory(self, arena: StagingArena) -> None:
+        """Register ``arena`` as fixed buffers once it is populated, in a background task (open does not
+        wait: pinning unpopulated memory would fault it in here, on the caller's time)."""
+        if self._arena is not None:
+            return
+        self._arena = arena
+        if os.environ.get("KVPOOL_URING_FIXED", "1") == "0":  # benchmarks: the same run without fixed ops
+            log.info("%s: KVPOOL_URING_FIXED=0: the staging arena is not registered", self.name)
+            return
+        if not self._sparse:
+            self._refused("the kernel has no sparse buffer table (Linux 5.19+)")
+            return
+        self._spawn(self._register_arena(arena))
+
+    def _spawn(self, coro: Any) -> None:
+        task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self._refused(f"registration failed: {task.exception()!r}")
+
+    def _refused(self, why: str) -> None:
+        self.counters["register_failures"] += 1
+        if not self._warned:
+            self._warned = True
+            log.warning("%s: cannot register memory with io_uring as fixed buffers (%s); plain READV/WRITEV "
+                        "instead (a little more CPU per request)", self.name, why)
+
+    async def _in_thread(self, fn: Callable[..., _T], *args: Any) -> _T:
+        # the syscall cannot be interrupted: a cancelled caller still waits for it, so close never tears the
+        # ring down under a registration in progress
+        return await wait_uncancellable(asyncio.ensure_future(asyncio.to_thread(fn, *args)))
+
+    async def _register_arena(self, arena: StagingArena) -> None:
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = loop.create_future()
+
+        def settle() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        def on_ready() -> None:  # in the arena's populating thread (or here, at once)
+            try:
+                loop.call_soon_threadsafe(settle)
+            except RuntimeError:  # the loop is gone: nobody waits any more
+                pass
+
+        arena.when_ready(on_ready)
+        await ready
+        whole = memoryview(arena.buffer)
+        self._arena_slots = [None] * (-(-arena.nbytes // _PIECE))
+        for p in range(len(self._arena_slots)):
+            off = p * _PIECE
+            n = min(_PIECE, arena.nbytes - off)
+            if len(self._slots) >= _SLOTS:
+                self._refused(f"{_SLOTS} slots hold {off >> 30} GiB of the {arena.nbytes >> 20} MiB arena")
+                return
+            self._slots.append(_Slot(arena.address + off, n, whole[off : off + n], arena=True))
+            idx = len(self._slots) - 1
+            if not await self._pin(idx):
+                return
+            self._arena_slots[p] = idx  # only now may an op name it
+
+    async def _pin(self, idx: int) -> bool:
+        """Fill slot ``idx`` (pinning its pages, in a worker thread); whether the kernel took it."""
+        slot = self._slots[idx]
+        slot.state = "pinning"
+        try:
+            await self._in_thread(self._engine.update_buffers, idx, slot.obj)
+        except (OSError, ValueError) as exc:
+            slot.state = "refused"
+            what = "arena piece" if slot.arena else "bounce buffer"
+            self._refused(f"IORING_REGISTER_BUFFERS_UPDATE of a {slot.nbytes >> 20} MiB {what}: {exc}")
+            return False
+        except BaseException:
+            slot.state = "refused"  # cancelled (closing): the ring goes away with whatever it holds
+            raise
+        slot.state = "pinned"
+        self.counters["registered_bytes"] += slot.nbytes
+        return True
+
+    @property
+    def arena_registered(self) -> bool:
+        """Whether every piece of the attached arena is registered (fixed ops into it)."""
+        return bool(self._arena_slots) and all(s is not None for s in self._arena_slots)
+
+    async def wait_registered(self) -> None:
+        """Wait for the registrations in progress (the arena's, once it is populated). Tests and benchmarks."""
+        while self._tasks:
+            await asyncio.wait(set(self._tasks))
+
+    def _rewrite(self, op: Op) -> Op:
+        """The op as the ring should see it: fixed where its memory is pinned, iovecs where it is not."""
+        if op.fixed is not None:
+            idx, off, n = op.fixed
+            if idx < len(self._slots) and not self._slots[idx].pinned:
+                slot = self._slots[idx]
+                if slot.state == "empty" and self._arena is None:
+                    # the bounce buffer's first use, with no arena to take its place: pin it for the next ops
+                    slot.state = "pinning"
+                    self._spawn(self._pin(idx))
+                return Op(op.kind, op.file_offset, iov=((slot.addr + off, n),), file_index=op.file_index)
+            self.counters["fixed_ops"] += 1
+            return op
+        iov = op.iov
+        arena = self._arena
+        if iov is None or len(iov) != 1 or arena is None or not self._arena_slots:
+            return op
+        addr, n = iov[0]
+        rel = addr - arena.address
+        if rel < 0 or rel + n > arena.nbytes or n == 0:
+            return op
+        p = rel // _PIECE
+        piece = self._arena_slots[p]
+        if piece is None or (rel + n - 1) // _PIECE != p:
+            return op
+        self.counters["fixed_ops"] += 1
+        if op.kind == Kind.READ:
+            return Op.read_fixed(op.file_offset, piece, rel - p * _PIECE, n)
+        return Op.write_fixed(op.file_offset, piece, rel - p * _PIECE, n)
 
     # --- I/O ---------------------------------------------------------------------------------------------
     async def submit(self, ops: Sequence[Op]) -> list[int]:
         with ssd_errors(self.name, "io_uring"):
-            return await self._engine.submit(ops)
+            return await self._engine.submit([self._rewrite(op) for op in ops])
 
     async def probe(self) -> None:
         """Confirm the reported alignment with a real O_DIRECT read of block 0 (it must hold a block: a read
@@ -169,7 +370,15 @@ class UringTransport(BlockTransport):
             self.free(buf)
 
     async def aclose(self) -> None:
-        await self._engine.aclose()
+        for t in list(self._tasks):
+            t.cancel()
+        while self._tasks:  # a registration in a worker thread is waited out (it cannot be interrupted)
+            await asyncio.wait(set(self._tasks))
+        await self._engine.aclose()  # closing the ring unregisters and releases the exported buffers
+        self._slots.clear()
+        self._arena_slots = []
+        self._arena = None
 
     def stats(self) -> dict[str, Any]:
-        return {**super().stats(), "mem_align_source": self._align_source, "transport": "uring"}
+        return {**super().stats(), "mem_align_source": self._align_source, "transport": "uring",
+                "arena_registered": self.arena_registered, **self.counters}

@@ -34,6 +34,8 @@ class WriteLayer(OpenLayer):
         """Split a batch so that each group's staging memory fits in half the bounce buffer."""
         assert self._bounce is not None
         cap = self._bounce.alloc.capacity // 2
+        if self._staging is not None:  # a group's staging comes from the arena: several must fit in it at once
+            cap = min(cap, max(self._staging.nbytes // 4, BLOCK))
         groups, start, acc = [], 0, 0
         for i, n in enumerate(sizes):
             n = n if n <= self._bounce.alloc.capacity else 0  # larger ones use private staging memory
@@ -49,7 +51,7 @@ class WriteLayer(OpenLayer):
         # One reservation of staging memory per group, taken atomically: groups never deadlock on it.
         need = sum(fmt.align_up(nbytes_of(s)) for _, s in items)
         need = need if need <= self._bounce.alloc.capacity else 0
-        res_base = await self._bounce.get(need) if need else 0
+        stage = await self._stage(need) if need else None
         cursor = 0
         # stage each object: checksums, an extent, and either direct iovecs or a bounce copy
         staged: list[tuple[bytes, fmt.Entry, list[tuple[int, int]], tuple[int, int] | None]] = []
@@ -74,7 +76,7 @@ class WriteLayer(OpenLayer):
                     staged.append((key, e, runs, None))
                 else:
                     ext = e.extent
-                    if not need or cursor + ext > need:
+                    if stage is None or cursor + ext > need:
                         # too large to stage at once: a contiguous aligned copy of our own
                         tmp = aligned_empty((ext,), torch.uint8)
                         tmp[n:].zero_()
@@ -82,20 +84,20 @@ class WriteLayer(OpenLayer):
                         keep.append(tmp)
                         staged.append((key, e, [(tmp.data_ptr(), ext)], None))
                     else:
-                        boff = res_base + cursor
+                        boff = cursor
                         cursor += ext
-                        view = self._bounce.tensor[boff : boff + ext]
+                        view = stage.tensor[boff : boff + ext]
                         view[:n].view(src.dtype).view(src.shape).copy_(src)
                         if ext > n:
                             view[n:].zero_()
+                        del view
                         staged.append((key, e, [], (boff, ext)))
             ops: list[Op] = []
             for _key, e, runs, b in staged:
                 file_off = self._geo.d_off + e.offset if self._geo else 0
                 if b is not None:
-                    for o in range(0, b[1], self._max_io):
-                        ln = min(self._max_io, b[1] - o)
-                        ops.append(Op.write_fixed(file_off + o, self._bounce.index, b[0] + o, ln))
+                    assert stage is not None
+                    ops.extend(stage.ops(Kind.WRITE, file_off, b[0], b[1], self._max_io))
                 else:
                     ops.extend(self._iov_ops(Kind.WRITE, runs, file_off))
             results = await self._submit(ops, "write")
@@ -139,8 +141,9 @@ class WriteLayer(OpenLayer):
                     pass
             raise
         finally:
-            if need:
-                await self._bounce.put(res_base, need)
+            if stage is not None:  # every op on it has completed: submit waits for them even when cancelled
+                await self._unstage(stage)
+                stage = None
 
     def _iov_ops(self, kind: Kind, runs: list[tuple[int, int]], file_off: int) -> list[Op]:
         """Ops covering ``runs`` laid end to end at ``file_off``: <= _IOV_MAX iovecs and <= max_io bytes each."""
