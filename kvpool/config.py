@@ -170,7 +170,7 @@ class PoolConfig:
     staging_overflow_bytes: int = 2 << 30
     staging_wait_s: float = 1.0
     io_max_inflight: int = 32
-    io_max_inflight_bytes: int = 256 << 20
+    io_max_inflight_bytes: int = 1 << 30
     io_background_inflight: int = 1
     io_op_bytes: int = 64 << 20
     promotion: str = attrs.field(default="second-hit", validator=attrs.validators.in_(("second-hit", "always")))

@@ -78,6 +78,29 @@ async def test_object_larger_than_bounce(tmp_path: Path) -> None:
         assert torch.equal(out, d)
 
 
+async def test_verify_off_trusts_the_device_and_on_again_catches_it(tmp_path: Path) -> None:
+    """``verify=0`` is what it says: the same flipped bytes are returned as data, and a pool reopened with
+    verification (the checksums were written all along) catches them again."""
+    path = tmp_path / "p"
+    spec = BackendSpec.parse(f"uring://{path}?capacity=16MiB&verify=0")
+    async with UringBackend(path, 16 * MiB) as b:
+        k = rand_key()
+        d = rand_bytes(MiB, 3)
+        await b.write(k, d)
+        e = b._index[k]
+        data_off = b._geo.d_off  # type: ignore[union-attr]
+    with open(path, "r+b") as f:
+        f.seek(data_off + e.offset + 4096)
+        f.write(b"\x01\x02\x03")
+    async with UringBackend.from_spec(spec) as b:
+        out = torch.empty(MiB, dtype=torch.uint8)
+        assert await b.read_into(k, out)
+        assert b.stats()["corrupt"] == 0 and not torch.equal(out, d)
+        assert bytes(out[4096:4099].tolist()) == b"\x01\x02\x03"
+    async with UringBackend(path, 16 * MiB) as b:
+        assert await b.read_into(k, out) is False and b.stats()["corrupt"] == 1
+
+
 async def test_corruption_is_a_miss_never_data(tmp_path: Path) -> None:
     path = tmp_path / "p"
     async with UringBackend(path, 16 * MiB) as b:

@@ -37,6 +37,7 @@ class StoreState(Backend):
     _sqpoll: bool
     _policy_name: str | None
     _direct: bool
+    _verify: bool
     _format_ok: bool
     _readonly: bool
     _fd: int

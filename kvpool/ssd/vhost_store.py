@@ -320,11 +320,12 @@ class VhostBackend(UringBackend):
         direct: bool = True,
         format: bool = False,
         readonly: bool = False,
+        verify: bool = True,
     ) -> None:
         if not socket:
             raise ConfigError("vhost:// needs the target's socket, e.g. vhost:///run/spdk/vhost.0")
         super().__init__(socket, capacity, bounce=bounce, policy=policy, direct=direct, format=format,
-                         readonly=readonly)
+                         readonly=readonly, verify=verify)
         self._queues = queues
         self._poll = poll
         self._region_bytes = region if region is not None else self._bounce_bytes + (2 << 20)
@@ -337,7 +338,7 @@ class VhostBackend(UringBackend):
     @classmethod
     def from_spec(cls, spec: BackendSpec) -> Self:
         spec.check_known(("capacity", "queues", "poll", "region", "timeout", "hugetlb", "bounce", "policy",
-                          "direct", "format"))
+                          "direct", "format", "verify"))
         try:
             timeout = float(spec.params.get("timeout", "10"))
         except ValueError:
@@ -355,6 +356,7 @@ class VhostBackend(UringBackend):
             policy=spec.params.get("policy", "lru"),
             direct=spec.flag("direct", True),
             format=spec.flag("format"),
+            verify=spec.flag("verify", True),
         )
 
     @property
