@@ -253,14 +253,15 @@ async def restore_once(spec: str, args: argparse.Namespace, prompts: list[np.nda
     layout = layout_8b()
     T = args.chunks * layout.chunk_tokens
     total = len(prompts) * args.chunks * layout.chunk_nbytes
-    cfg = {"staging_bytes": int(args.staging_gib * 2**30)}
+    # 0: the pool's own default (what a user who sets nothing gets)
+    cfg = {"staging_bytes": int(args.staging_gib * 2**30)} if args.staging_gib else {}
     t_open = time.perf_counter()
     pool = await kvpool.KVPool.open(layout=layout, model_id="bench-ssd", backends=[spec], config=cfg)
     opened = time.perf_counter() - t_open
     try:
         ready = await pool.ready()
         runs.setdefault("open", []).append({"open_s": opened, "ready_s": time.perf_counter() - t_open,
-                                            "populate_s": ready, "staging_bytes": cfg["staging_bytes"]})
+                                            "populate_s": ready, "staging_bytes": pool.stats()["staging"]["bytes"]})
         tier = pool.tiers[0]
         if case == "get_into_aligned":
             outs = [pool.empty(T) for _ in prompts]
@@ -526,7 +527,8 @@ def main() -> None:
     ap.add_argument("--fio-runtime", type=float, default=3.0, help="seconds per fio configuration")
     ap.add_argument("--no-fio", action="store_true")
     ap.add_argument("--no-lmcache", action="store_true", help="skip the LMCache side-by-side")
-    ap.add_argument("--staging-gib", type=float, default=2.0, help="PoolConfig.staging_bytes of the timed pools")
+    ap.add_argument("--staging-gib", type=float, default=0.0,
+                    help="PoolConfig.staging_bytes of the timed pools, GiB (default 0: the pool's own default)")
     ap.add_argument("--name", help="results/NAME.json (default ssd, or ssd_blockdev with --device)")
     ap.add_argument("--plot", type=Path, default=None, help="plot path (default docs/ssd_bandwidth.png in file mode)")
     ap.add_argument("--replot", action="store_true", help="only redraw the plot from results/NAME.json")

@@ -151,6 +151,8 @@ async def main() -> None:
     ap.add_argument("--queues", type=int, default=2)
     ap.add_argument("--bounce", default=None,
                     help="bounce= for every spec (default: each scheme's own; restores into the arena bypass it)")
+    ap.add_argument("--opts", default="", help="spec options added to every case, e.g. verify=0")
+    ap.add_argument("--name", default="vhost_store", help="results file name (benchmarks/results/NAME.json)")
     ap.add_argument("--hugepages", type=int, default=1024,
                     help="2 MiB huge pages to reserve (the pool's staging arena takes them first, then the shared "
                     "region; 0: ordinary memory only)")
@@ -173,7 +175,7 @@ async def main() -> None:
             # do not, and SPDK needs them anyway (iova=pa)
             modes = [("vhost_eventfd", "poll=0&hugetlb=1", False), ("vhost_poll", "poll=1&hugetlb=1", False),
                      ("vhost_eventfd_4k_pages", "poll=0&hugetlb=0", True)]
-        bounce = f"&bounce={args.bounce}" if args.bounce else ""
+        bounce = (f"&bounce={args.bounce}" if args.bounce else "") + (f"&{args.opts}" if args.opts else "")
         cases: dict[str, list[dict[str, Any]]] = {"uring": [], **{m: [] for m, _, _ in modes}}
         for _ in range(args.repeat):  # interleaved, so drift in the disk hits every case alike
             cases["uring"].append(await restore(f"uring://{image}?{bounce[1:]}", prompts, args.chunks, None))
@@ -202,11 +204,11 @@ async def main() -> None:
             summary[k]["direct"], summary[k]["bounce"] = v[0]["direct"], v[0]["bounce"]
         for k in cases:
             summary[k]["x_uring_GBps"] = summary[k]["GBps"] / summary["uring"]["GBps"]
-        res = {"bytes": total, "prompts": args.prompts, "chunks": args.chunks, "queues": args.queues,
+        res = {"opts": args.opts, "bytes": total, "prompts": args.prompts, "chunks": args.chunks, "queues": args.queues,
                "repeat": args.repeat, "bounce": args.bounce or "scheme default", "hugepages_reserved": huge,
                "cpus": os.cpu_count(), "loadavg_at_end": os.getloadavg(), "daemon": "qemu-storage-daemon cache.direct=on aio=io_uring",
                "summary": summary, "runs": cases}
-        path = save("vhost_store", res)
+        path = save(args.name, res)
         print(f"{'case':<24}{'GB/s':>7}{'x uring':>9}{'CPU-s/GB':>10}{'daemon CPU-s/GB':>17}"
               f"{'direct':>8}{'bounce':>8}  arena")
         for k, s in summary.items():

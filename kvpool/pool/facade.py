@@ -238,8 +238,9 @@ class KVPool:
 
     # --- keys --------------------------------------------------------------------------------------------
     async def ready(self) -> float:
-        """Wait until the pool's staging memory is populated (``open`` returns before); return the seconds that
-        took. Requests made earlier are served, from the part already populated."""
+        """Wait until the pool's staging memory is populated and registered with the tiers' devices (io_uring
+        fixed buffers; ``open`` returns before); return the seconds population took. Requests made earlier are
+        served, from the part already populated."""
         return await self._staging.wait_ready()
 
     def empty(self, tokens_or_n: Any) -> torch.Tensor:

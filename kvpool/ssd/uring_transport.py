@@ -235,12 +235,13 @@ class UringTransport(BlockTransport):
         if not self._sparse:
             self._refused("the kernel has no sparse buffer table (Linux 5.19+)")
             return
-        self._spawn(self._register_arena(arena))
+        arena.track(self._spawn(self._register_arena(arena)))  # pool.ready() includes the registration
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
+        return task
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)

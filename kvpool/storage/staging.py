@@ -133,6 +133,7 @@ class StagingArena:
             self.hugetlb = is_hugetlb(self._buf)
         self.buffer: mmap.mmap = self._buf
         self._ready_callbacks: list[Callable[[], object]] = []
+        self._setups: set[asyncio.Future[object]] = set()
         self.address = ctypes.addressof(ctypes.c_char.from_buffer(self._buf))
         self._alloc = ExtentAllocator(self.nbytes, HUGE_PAGE)
         # everything not yet populated is held "in use" and given to the allocator step by step
@@ -208,11 +209,22 @@ class StagingArena:
         return self._populated
 
     async def wait_ready(self) -> float:
-        """Wait until the whole arena is populated; return the seconds population took."""
+        """Wait until the whole arena is populated and every device setup tracked with :meth:`track` (io_uring
+        registration) has finished; return the seconds population took."""
         if not self._ready.is_set():
             await asyncio.to_thread(self._ready.wait)
+        while self._setups:
+            pending = list(self._setups)
+            await asyncio.gather(*pending, return_exceptions=True)  # their owners log and count failures
+            self._setups.difference_update(pending)
         assert self.populate_seconds is not None
         return self.populate_seconds
+
+    def track(self, setup: asyncio.Future[object]) -> None:
+        """Count ``setup`` (a tier making the arena reachable by its device once populated) as part of being
+        ready, so :meth:`wait_ready` -- ``pool.ready()`` -- means the first request pays none of it."""
+        self._setups.add(setup)
+        setup.add_done_callback(self._setups.discard)
 
     # --- hand-out ----------------------------------------------------------------------------------------
     @property

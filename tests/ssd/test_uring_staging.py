@@ -341,3 +341,17 @@ async def test_close_while_the_arena_is_still_populating(tmp_path: Path) -> None
     assert not t._tasks
     await arena.wait_ready()
     arena.close()
+
+
+async def test_pool_ready_includes_the_registration(tmp_path: Path) -> None:
+    """``await pool.ready()`` returns only once the io_uring tier has registered the arena, so the first
+    request after it pays no pinning."""
+    pool = await KVPool.open(layout=LAYOUT, model_id="m", backends=[f"uring://{tmp_path / 'p.kv'}?capacity=64MiB"],
+                             config={"staging_bytes": 256 * MiB})
+    try:
+        assert not pool.tiers[0].stats()["arena_registered"]  # open returned before population
+        await pool.ready()
+        st = pool.tiers[0].stats()
+        assert st["arena_registered"] and st["registered_bytes"] >= 256 * MiB, st
+    finally:
+        await pool.close()
