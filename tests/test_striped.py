@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 from kvpool import BackendError, CapacityError, ConfigError, KVLayout, KVPool
 from kvpool.storage.backend import Backend, ReadRequest
 from kvpool.memory.dram import DRAMBackend
-from kvpool.striped.backend import META_MAGIC, StripedBackend, _piece_key
+from kvpool.striped.backend import StripedBackend
+from kvpool.striped.records import META_MAGIC, piece_key
 from kvpool.ssd.store import UringBackend
 from kvpool.config import BackendSpec
 from kvpool.striped.placement import BandwidthProbe, makespan, split_by_weight
@@ -304,9 +305,9 @@ async def test_reopen_collects_leftovers_and_drops_incomplete(tmp_path: Path) ->
         await b.write(k_broken, rand_bytes(1 * MiB, 2))
         obj = b._index[k_broken]
         # a crash between pieces and record leaves a piece that no record names
-        await b.children[1].write(_piece_key(rand_key(), 12345, 1), rand_bytes(64 * KiB))
+        await b.children[1].write(piece_key(rand_key(), 12345, 1), rand_bytes(64 * KiB))
         # a piece lost behind the tier's back: the object must not come back
-        await b.children[1].delete(_piece_key(obj.key, obj.seq, 1))
+        await b.children[1].delete(piece_key(obj.key, obj.seq, 1))
     async with make() as b:
         assert await b.contains(k_ok)
         assert not await b.contains(k_broken)
@@ -322,7 +323,7 @@ async def test_evicted_piece_is_a_miss_and_the_rest_is_freed() -> None:
         k = rand_key()
         await b.write(k, rand_bytes(1 * MiB))
         obj = b._index[k]
-        await b.children[0].delete(_piece_key(k, obj.seq, 0))  # as if the child evicted it
+        await b.children[0].delete(piece_key(k, obj.seq, 0))  # as if the child evicted it
         out = torch.empty(1 * MiB, dtype=torch.uint8)
         assert await b.read_into(k, out) is False
         assert not await b.contains(k)

@@ -42,20 +42,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import struct
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
 import attrs
-import blake3
 import torch
-import xxhash
 
-from ..storage.buffers import aligned_empty
 from ..errors import BackendError, CapacityError, ConfigError, PoolClosedError
 from .placement import BandwidthProbe, makespan, split_by_weight
+from .ranges import aligned_bytes, byte_range, granules, row_view
+from .records import (
+    MAX_CHILDREN,
+    META_MAGIC,
+    META_NBYTES,
+    StripedObject,
+    meta_key,
+    pack_record,
+    piece_key,
+    unpack_record,
+)
 from ..storage.backend import HOST_MEMORY, Backend, Capabilities, ReadRequest, check_range, nbytes_of
 
 if TYPE_CHECKING:
@@ -68,85 +75,7 @@ __all__ = ["StripedBackend", "META_MAGIC", "META_NBYTES"]
 
 log = logging.getLogger("kvpool.striped")
 
-META_MAGIC = b"KVSTRIP1"  # also the first 8 bytes of every record's key
-META_NBYTES = 512
-_META_VERSION = 1
-_HEAD = struct.Struct("<8sHH16sQQ")  # magic, version, npieces, key, seq, length
-_PIECE = struct.Struct("<HQ")  # child index, bytes
-_CRC = struct.Struct("<Q")
-MAX_CHILDREN = 32
 _ALIGN = 4096
-
-
-# --- tensor byte ranges ------------------------------------------------------------------------------------
-def _aligned_bytes(n: int) -> torch.Tensor:
-    """Page-aligned I/O memory (huge-page advised when large) for reads that need a contiguous staging copy."""
-    return aligned_empty((n,), torch.uint8)
-
-
-def _row_view(t: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """``t`` seen as ``[R, *rest]`` with as many leading dims merged as its strides allow (no copy), and the
-    bytes of one row. A contiguous tensor is one flat run of bytes (rows of 1 byte)."""
-    if t.is_contiguous():
-        return t.reshape(-1).view(torch.uint8), 1
-    shape, strides = list(t.shape), list(t.stride())
-    rows, rstride = 1, 0
-    d = 0
-    while d < len(shape):
-        s, st = shape[d], strides[d]
-        if s == 1:
-            d += 1
-            continue
-        if rows == 1:
-            rows, rstride = s, st
-        elif rstride == st * s:
-            rows, rstride = rows * s, st
-        else:
-            break
-        d += 1
-    rest_shape, rest_strides = shape[d:], strides[d:]
-    row_bytes = math.prod(rest_shape) * t.element_size()
-    view = torch.as_strided(t, [rows, *rest_shape], [rstride, *rest_strides], t.storage_offset())
-    return view, row_bytes
-
-
-def _byte_range(rv: tuple[torch.Tensor, int], start: int, stop: int) -> torch.Tensor | None:
-    """The view of row-major bytes ``[start, stop)`` of a tensor (given by :func:`_row_view`), or ``None``
-    when those bytes are not one view of it (the range cuts rows of a strided tensor)."""
-    view, rb = rv
-    if start % rb or stop % rb:
-        return None
-    return view[start // rb : stop // rb]
-
-
-def _granules(t: torch.Tensor, row_bytes: int) -> list[int]:
-    """Natural split granules of an object written from ``t``: the byte sizes of its sub-tensors along
-    leading dims (coarsest first), keeping only those the source can be cut at without a copy."""
-    out = []
-    isz = t.element_size()
-    for k in range(1, t.dim()):
-        g = math.prod(t.shape[k:]) * isz
-        if g > 0 and g % row_bytes == 0:
-            out.append(g)
-    return sorted(set(out), reverse=True)
-
-
-# --- records -----------------------------------------------------------------------------------------------
-@attrs.define(eq=False)
-class _Object:
-    """One stored object: where its pieces are. ``pieces``: (child, start, size), in byte order."""
-
-    key: bytes
-    seq: int
-    length: int
-    pieces: tuple[tuple[int, int, int], ...]
-    readers: int = 0
-    dead: bool = False
-    freed: bool = False
-
-    @property
-    def meta_child(self) -> int:
-        return self.pieces[0][0]
 
 
 def _device_failure(exc: BaseException) -> bool:
@@ -156,54 +85,11 @@ def _device_failure(exc: BaseException) -> bool:
     return isinstance(exc, (OSError, PoolClosedError))
 
 
-def _piece_key(key: bytes, seq: int, child: int) -> bytes:
-    k = blake3.blake3(b"kvpool-striped-piece\0" + key + seq.to_bytes(8, "little") + child.to_bytes(2, "little"))
-    d = k.digest(length=16)
-    if d[:8] == META_MAGIC:  # never mistaken for a record
-        d = bytes([d[0] ^ 0xFF]) + d[1:]
-    return d
-
-
-def _meta_key(key: bytes, seq: int) -> bytes:
-    return META_MAGIC + blake3.blake3(b"kvpool-striped-meta\0" + key + seq.to_bytes(8, "little")).digest(length=8)
-
-
-def _pack_record(obj: _Object) -> bytes:
-    body = _HEAD.pack(META_MAGIC, _META_VERSION, len(obj.pieces), obj.key, obj.seq, obj.length) + b"".join(
-        _PIECE.pack(c, n) for c, _s, n in obj.pieces
-    )
-    body += b"\0" * (META_NBYTES - _CRC.size - len(body))
-    return body + _CRC.pack(xxhash.xxh3_64_intdigest(body))
-
-
-def _unpack_record(data: bytes, nchildren: int) -> _Object | None:
-    if len(data) != META_NBYTES:
-        return None
-    body, (crc,) = data[: -_CRC.size], _CRC.unpack(data[-_CRC.size :])
-    if xxhash.xxh3_64_intdigest(body) != crc:
-        return None
-    magic, version, npieces, key, seq, length = _HEAD.unpack_from(body)
-    if magic != META_MAGIC or version != _META_VERSION or not 0 < npieces <= MAX_CHILDREN:
-        return None
-    pieces: list[tuple[int, int, int]] = []
-    pos, start = _HEAD.size, 0
-    for _ in range(npieces):
-        c, n = _PIECE.unpack_from(body, pos)
-        pos += _PIECE.size
-        if c >= nchildren or n <= 0 or any(c == p[0] for p in pieces):
-            return None
-        pieces.append((c, start, n))
-        start += n
-    if start != length:
-        return None
-    return _Object(key, seq, length, tuple(pieces))
-
-
 @attrs.frozen
 class _Plan:
     """A write in preparation: the new object and the tensors each child stores."""
 
-    obj: _Object
+    obj: StripedObject
     views: tuple[torch.Tensor, ...]  # one per piece
     degraded: bool
 
@@ -275,7 +161,7 @@ class StripedBackend(Backend):
         self._gc = gc
         self.weights: list[float] = list(self._given_weights or [1.0] * len(self.children))
         self.weight_sources: list[str] = ["given" if weights is not None else "default"] * len(self.children)
-        self._index: dict[bytes, _Object] = {}
+        self._index: dict[bytes, StripedObject] = {}
         self._down_until = [0.0] * len(self.children)
         self._last_seq = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -452,10 +338,10 @@ class StripedBackend(Backend):
     def _usable(self, i: int) -> bool:
         return self.children[i].is_open and time.monotonic() >= self._down_until[i]
 
-    async def _free(self, obj: _Object) -> None:
+    async def _free(self, obj: StripedObject) -> None:
         """Delete an object's pieces and record from the children (best effort)."""
-        dels: list[tuple[int, bytes]] = [(c, _piece_key(obj.key, obj.seq, c)) for c, _s, _n in obj.pieces]
-        dels.append((obj.meta_child, _meta_key(obj.key, obj.seq)))
+        dels: list[tuple[int, bytes]] = [(c, piece_key(obj.key, obj.seq, c)) for c, _s, _n in obj.pieces]
+        dels.append((obj.meta_child, meta_key(obj.key, obj.seq)))
         await self._delete_child_keys(dels)
 
     async def _delete_child_keys(self, dels: Iterable[tuple[int, bytes]]) -> None:
@@ -470,7 +356,7 @@ class StripedBackend(Backend):
 
         await asyncio.gather(*(one(c, k) for c, k in dels))
 
-    async def _retire(self, obj: _Object, *, background: bool = False) -> None:
+    async def _retire(self, obj: StripedObject, *, background: bool = False) -> None:
         """``obj`` left the index: free its pieces now, or when its last reader is done."""
         obj.dead = True
         if obj.readers or obj.freed:
@@ -481,13 +367,13 @@ class StripedBackend(Backend):
         else:
             await self._free(obj)
 
-    def _unpin(self, obj: _Object) -> None:
+    def _unpin(self, obj: StripedObject) -> None:
         obj.readers -= 1
         if obj.dead and obj.readers == 0 and not obj.freed:
             obj.freed = True
             self._spawn(self._free(obj))
 
-    def _invalidate(self, obj: _Object) -> None:
+    def _invalidate(self, obj: StripedObject) -> None:
         """A piece of ``obj`` is gone (evicted, corrupt): the object is a miss from now on."""
         if self._index.get(obj.key) is obj:
             del self._index[obj.key]
@@ -521,9 +407,9 @@ class StripedBackend(Backend):
         if not any(w > 0 for w in weights):
             raise BackendError("no striped child can take writes (all failed, full or weighted 0)")
         seed = int.from_bytes(key[:8], "little")
-        rv = _row_view(src)
+        rv = row_view(src)
         # candidate granules: natural rows of the object (copy-free for this source), then plain alignment
-        cands = [gg for gg in (math.lcm(g, self._align) for g in _granules(src, rv[1])) if gg < n]
+        cands = [gg for gg in (math.lcm(g, self._align) for g in granules(src, rv[1])) if gg < n]
         cands.append(self._align)
         scored: list[tuple[int, list[int], float]] = []
         for limits in self._limits(usable, reserved):
@@ -545,14 +431,14 @@ class StripedBackend(Backend):
             if sz:
                 pieces.append((c, start, sz))
                 start += sz
-        views = [_byte_range(rv, s, s + sz) for _c, s, sz in pieces]
+        views = [byte_range(rv, s, s + sz) for _c, s, sz in pieces]
         if any(v is None for v in views):
-            flat = _row_view(src.contiguous())
+            flat = row_view(src.contiguous())
             self.counters["contiguous_copies"] += 1
-            views = [_byte_range(flat, s, s + sz) for _c, s, sz in pieces]
+            views = [byte_range(flat, s, s + sz) for _c, s, sz in pieces]
         for c, _s, sz in pieces:
             reserved[c] += -(-sz // _ALIGN) * _ALIGN
-        obj = _Object(key, self._next_seq(), n, tuple(pieces))
+        obj = StripedObject(key, self._next_seq(), n, tuple(pieces))
         degraded = any(not u and w > 0 for u, w in zip(usable, self.weights))
         return _Plan(obj, tuple(v for v in views if v is not None), degraded)
 
@@ -610,7 +496,7 @@ class StripedBackend(Backend):
         by_child: dict[int, list[tuple[int, bytes, torch.Tensor]]] = {}
         for p, plan in enumerate(plans):
             for (c, _s, _n), view in zip(plan.obj.pieces, plan.views):
-                by_child.setdefault(c, []).append((p, _piece_key(plan.obj.key, plan.obj.seq, c), view))
+                by_child.setdefault(c, []).append((p, piece_key(plan.obj.key, plan.obj.seq, c), view))
         errors: dict[int, dict[int, BaseException]] = {}
         written: dict[int, list[tuple[int, bytes]]] = {p: [] for p in range(len(plans))}
         try:
@@ -619,8 +505,8 @@ class StripedBackend(Backend):
             for p, plan in enumerate(plans):
                 if p in errors:
                     continue
-                rec = torch.frombuffer(bytearray(_pack_record(plan.obj)), dtype=torch.uint8)
-                metas.setdefault(plan.obj.meta_child, []).append((p, _meta_key(plan.obj.key, plan.obj.seq), rec))
+                rec = torch.frombuffer(bytearray(pack_record(plan.obj)), dtype=torch.uint8)
+                metas.setdefault(plan.obj.meta_child, []).append((p, meta_key(plan.obj.key, plan.obj.seq), rec))
             await self._write_children(metas, errors, written)
         except BaseException:
             dels = [d for lst in written.values() for d in lst]
@@ -685,9 +571,9 @@ class StripedBackend(Backend):
         if not requests:
             return results
         # jobs: (request index, object, temp or None); per-child requests tagged with their job
-        jobs: list[tuple[int, _Object, torch.Tensor | None]] = []
+        jobs: list[tuple[int, StripedObject, torch.Tensor | None]] = []
         per_child: dict[int, list[tuple[int, ReadRequest]]] = {}
-        pinned: list[_Object] = []
+        pinned: list[StripedObject] = []
         try:
             for idx, r in enumerate(requests):
                 obj = self._index.get(r.key)
@@ -702,18 +588,18 @@ class StripedBackend(Backend):
                 pinned.append(obj)
                 lo, hi = r.offset, r.offset + n
                 parts = [(c, max(lo, s), min(hi, s + sz), s) for c, s, sz in obj.pieces if s < hi and s + sz > lo]
-                rv = _row_view(r.dest)
-                views = [_byte_range(rv, a - lo, b - lo) for _c, a, b, _s in parts]
+                rv = row_view(r.dest)
+                views = [byte_range(rv, a - lo, b - lo) for _c, a, b, _s in parts]
                 temp = None
                 if any(v is None for v in views):
-                    temp = _aligned_bytes(n)
+                    temp = aligned_bytes(n)
                     self.counters["temp_reads"] += 1
                     views = [temp[a - lo : b - lo] for _c, a, b, _s in parts]
                 j = len(jobs)
                 jobs.append((idx, obj, temp))
                 for (c, a, _b, s), v in zip(parts, views):
                     assert v is not None
-                    per_child.setdefault(c, []).append((j, ReadRequest(_piece_key(obj.key, obj.seq, c), v, a - s)))
+                    per_child.setdefault(c, []).append((j, ReadRequest(piece_key(obj.key, obj.seq, c), v, a - s)))
             order = list(per_child)
             res = await asyncio.gather(*(self._child_read(c, per_child[c]) for c in order))
             ok = [True] * len(jobs)
@@ -755,23 +641,23 @@ class StripedBackend(Backend):
                 self._child_error(c, exc, "read")
             return [None] * len(reqs)
 
-    def _touch_record(self, obj: _Object) -> None:
+    def _touch_record(self, obj: StripedObject) -> None:
         """Keep a record as recent as its pieces in its child's eviction order (children that declare
         ``eviction_hints``), so that a hot object's record is not evicted before its pieces."""
         child = self.children[obj.meta_child]
         if child.capabilities.eviction_hints:
             try:
-                child.hint_touch(_meta_key(obj.key, obj.seq))
+                child.hint_touch(meta_key(obj.key, obj.seq))
             except Exception:  # noqa: BLE001 - a hint only
                 pass
 
     # --- membership --------------------------------------------------------------------------------------
-    async def _present(self, objs: Sequence[_Object]) -> list[bool]:
+    async def _present(self, objs: Sequence[StripedObject]) -> list[bool]:
         """Whether every piece of each object is still in its child (an evicted piece invalidates it)."""
         per_child: dict[int, list[tuple[int, bytes]]] = {}
         for j, obj in enumerate(objs):
             for c, _s, _n in obj.pieces:
-                per_child.setdefault(c, []).append((j, _piece_key(obj.key, obj.seq, c)))
+                per_child.setdefault(c, []).append((j, piece_key(obj.key, obj.seq, c)))
         order = list(per_child)
 
         async def one(c: int) -> list[bool | None]:
@@ -829,7 +715,7 @@ class StripedBackend(Backend):
         child_keys: list[list[bytes]] = []
         for child in self.children:
             child_keys.append([k async for k in child.keys()])
-        records: list[tuple[int, bytes, _Object]] = []  # (child, record key, object)
+        records: list[tuple[int, bytes, StripedObject]] = []  # (child, record key, object)
         for ci, ks in enumerate(child_keys):
             mkeys = [k for k in ks if k[:8] == META_MAGIC]
             if not mkeys:
@@ -849,14 +735,14 @@ class StripedBackend(Backend):
             for k, b, ok in zip(mkeys, bufs, got):
                 if not ok:
                     continue
-                obj = _unpack_record(bytes(b.numpy()), n)
-                if obj is not None and obj.meta_child == ci and _meta_key(obj.key, obj.seq) == k:
+                obj = unpack_record(bytes(b.numpy()), n)
+                if obj is not None and obj.meta_child == ci and meta_key(obj.key, obj.seq) == k:
                     records.append((ci, k, obj))
         # which pieces exist, with which sizes
         wanted: dict[int, set[bytes]] = {}
         for _ci, _k, obj in records:
             for c, _s, _n in obj.pieces:
-                wanted.setdefault(c, set()).add(_piece_key(obj.key, obj.seq, c))
+                wanted.setdefault(c, set()).add(piece_key(obj.key, obj.seq, c))
         have: dict[tuple[int, bytes], int | None] = {}
         for c, want in wanted.items():
             present = set(child_keys[c])
@@ -864,13 +750,13 @@ class StripedBackend(Backend):
             sizes = await asyncio.gather(*(self.children[c].object_size(k) for k in kl))
             for k, s in zip(kl, sizes):
                 have[(c, k)] = s
-        best: dict[bytes, _Object] = {}
+        best: dict[bytes, StripedObject] = {}
         for _ci, _k, obj in sorted(records, key=lambda r: r[2].seq, reverse=True):
             if obj.key in best:
                 continue
             complete = True
             for c, _s, sz in obj.pieces:
-                pk = (c, _piece_key(obj.key, obj.seq, c))
+                pk = (c, piece_key(obj.key, obj.seq, c))
                 if pk not in have or have[pk] not in (None, sz):
                     complete = False
                     break
@@ -886,9 +772,9 @@ class StripedBackend(Backend):
             return
         keep: set[tuple[int, bytes]] = set()
         for obj in self._index.values():
-            keep.add((obj.meta_child, _meta_key(obj.key, obj.seq)))
+            keep.add((obj.meta_child, meta_key(obj.key, obj.seq)))
             for c, _s, _n in obj.pieces:
-                keep.add((c, _piece_key(obj.key, obj.seq, c)))
+                keep.add((c, piece_key(obj.key, obj.seq, c)))
         leftovers = [(c, k) for c, ks in enumerate(child_keys) for k in ks if (c, k) not in keep]
         if leftovers:
             log.info("striped: deleting %d leftover child objects at open", len(leftovers))

@@ -7,12 +7,12 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvpool.striped.backend import META_NBYTES, MAX_CHILDREN, _Object, _pack_record, _unpack_record
+from kvpool.striped.records import MAX_CHILDREN, META_NBYTES, StripedObject, pack_record, unpack_record
 from kvpool.striped.placement import makespan, split_by_weight
 
 
 @st.composite
-def objects(draw: st.DrawFn) -> tuple[_Object, int]:
+def objects(draw: st.DrawFn) -> tuple[StripedObject, int]:
     nchildren = draw(st.integers(1, MAX_CHILDREN))
     used = draw(st.lists(st.integers(0, nchildren - 1), min_size=1, max_size=min(nchildren, 12), unique=True))
     sizes = [draw(st.integers(1, 1 << 40)) for _ in used]
@@ -20,24 +20,24 @@ def objects(draw: st.DrawFn) -> tuple[_Object, int]:
     for c, n in zip(used, sizes):
         pieces.append((c, start, n))
         start += n
-    obj = _Object(draw(st.binary(min_size=16, max_size=16)), draw(st.integers(0, 2**64 - 1)), start, tuple(pieces))
+    obj = StripedObject(draw(st.binary(min_size=16, max_size=16)), draw(st.integers(0, 2**64 - 1)), start, tuple(pieces))
     return obj, nchildren
 
 
 @settings(max_examples=150, deadline=None)
 @given(objects(), st.data())
-def test_record_round_trip_and_damage(on: tuple[_Object, int], data: st.DataObject) -> None:
+def test_record_round_trip_and_damage(on: tuple[StripedObject, int], data: st.DataObject) -> None:
     obj, nchildren = on
-    rec = _pack_record(obj)
+    rec = pack_record(obj)
     assert len(rec) == META_NBYTES
-    back = _unpack_record(rec, nchildren)
+    back = unpack_record(rec, nchildren)
     assert back is not None
     assert (back.key, back.seq, back.length, back.pieces) == (obj.key, obj.seq, obj.length, obj.pieces)
     i = data.draw(st.integers(0, META_NBYTES - 1))
-    assert _unpack_record(rec[:i] + bytes([rec[i] ^ 0x10]) + rec[i + 1 :], nchildren) is None  # any flip
-    assert _unpack_record(rec[:-1], nchildren) is None  # torn
+    assert unpack_record(rec[:i] + bytes([rec[i] ^ 0x10]) + rec[i + 1 :], nchildren) is None  # any flip
+    assert unpack_record(rec[:-1], nchildren) is None  # torn
     top = max(c for c, _, _ in obj.pieces)
-    assert _unpack_record(rec, top) is None  # names a child this tier does not have (fewer children now)
+    assert unpack_record(rec, top) is None  # names a child this tier does not have (fewer children now)
 
 
 @settings(max_examples=100, deadline=None)
