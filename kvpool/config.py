@@ -142,7 +142,8 @@ class PoolConfig:
         reused for the tensors :meth:`KVPool.get`/:meth:`KVPool.stream` return, :meth:`KVPool.empty`, and
         promotion/write-back copies, so no request pays first-touch page faults. ``None`` (default):
         ``KVPOOL_STAGING_BYTES`` if set, else an eighth of the machine's memory, at most 4 GiB, at least 16 chunks
-        (:func:`~kvpool.storage.staging.default_staging_bytes`). Size it to the bytes of results callers hold
+        (:func:`~kvpool.storage.staging.default_staging_bytes`), per pool and resident once populated (a process
+        opening several pools should size them). Size it to the bytes of results callers hold
         at once: a restore beyond it lands in memory faulted on its data path (a third of the device's speed).
     staging_overflow_bytes
         Result memory beyond the staging arena, for restores larger than it was sized for: faulted in on first
