@@ -3,6 +3,7 @@ vhost-user-blk targets (real qemu-storage-daemon processes) over image files."""
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +18,27 @@ from kvpool.testing.servers import QemuStorageDaemon, qemu_storage_daemon
 MiB = 1 << 20
 IMAGE_BYTES = 64 * MiB
 QSD = qemu_storage_daemon()
+
+
+#: the shared testbed's throttled loop devices (../shared beside the clone, as CI lays it out)
+TESTBED = Path(__file__).resolve().parents[3] / "shared" / "testbed" / "devices"
+
+
+@pytest.fixture
+def slow_device(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A loop device throttled to 40 MB/s by the testbed's blkio cgroup (a 16 MiB read takes ~0.4 s), and the
+    testbed directory to run the child under (``devices run DIR -- CMD``); skipped where it cannot exist."""
+    why = loop_unavailable()
+    if why or not TESTBED.exists() or not Path("/sys/fs/cgroup/blkio").is_dir():
+        pytest.skip(why or "no testbed / blkio cgroup")
+    bed = tmp_path / "bed"
+    up = subprocess.run([str(TESTBED), "up", str(bed), "40", "128"], capture_output=True, text=True)
+    if up.returncode != 0:
+        pytest.skip(f"testbed: {up.stderr.strip()}")
+    try:
+        yield up.stdout.split()[0], bed
+    finally:
+        subprocess.run([str(TESTBED), "down", str(bed)], capture_output=True)
 
 
 #: one qemu-storage-daemon exporting an image as vhost-user-blk (the starter shipped in kvpool.testing)

@@ -11,30 +11,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from conftest import loop_unavailable  # type: ignore[import-not-found]
+from conftest import TESTBED  # type: ignore[import-not-found]
 
-TESTBED = Path("/work/shared/testbed/devices")
 CHILD = str(Path(__file__).parent / "cancel_child.py")
 
-
-@pytest.fixture
-def slow_device(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    why = loop_unavailable()
-    if why or not TESTBED.exists() or not Path("/sys/fs/cgroup/blkio").is_dir():
-        pytest.skip(why or "no testbed / blkio cgroup")
-    bed = tmp_path / "bed"
-    up = subprocess.run([str(TESTBED), "up", str(bed), "40", "128"], capture_output=True, text=True)
-    if up.returncode != 0:
-        pytest.skip(f"testbed: {up.stderr.strip()}")
-    try:
-        yield up.stdout.split()[0], bed
-    finally:
-        subprocess.run([str(TESTBED), "down", str(bed)], capture_output=True)
 
 
 @pytest.mark.blockdev

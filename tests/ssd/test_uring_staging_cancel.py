@@ -15,39 +15,22 @@ import json
 import random
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
-TESTBED = Path("/work/shared/testbed/devices")
 ROOT = Path(__file__).resolve().parents[2]
 MiB = 1 << 20
 N = 16 * MiB
 SENTINEL = 0xAB
 
 
-@pytest.fixture
-def slow_device(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    sys.path.insert(0, str(Path(__file__).parent))
-    from conftest import loop_unavailable  # type: ignore[import-not-found]
-
-    why = loop_unavailable()
-    if why or not TESTBED.exists() or not Path("/sys/fs/cgroup/blkio").is_dir():
-        pytest.skip(why or "no testbed / blkio cgroup")
-    bed = tmp_path / "bed"
-    up = subprocess.run([str(TESTBED), "up", str(bed), "40", "128"], capture_output=True, text=True)
-    if up.returncode != 0:
-        pytest.skip(f"testbed: {up.stderr.strip()}")
-    try:
-        yield up.stdout.split()[0], bed
-    finally:
-        subprocess.run([str(TESTBED), "down", str(bed)], capture_output=True)
-
 
 @pytest.mark.blockdev
 def test_cancelled_read_staged_in_the_arena_leaves_caller_memory_alone(slow_device: tuple[str, Path]) -> None:
+    from conftest import TESTBED  # type: ignore[import-not-found]  (not at the top: this file is also the child)
+
     dev, bed = slow_device
     res = subprocess.run([str(TESTBED), "run", str(bed), "--", sys.executable, __file__, dev, "16"],
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
