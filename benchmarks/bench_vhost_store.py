@@ -175,10 +175,11 @@ async def main() -> None:
             # do not, and SPDK needs them anyway (iova=pa)
             modes = [("vhost_eventfd", "poll=0&hugetlb=1", False), ("vhost_poll", "poll=1&hugetlb=1", False),
                      ("vhost_eventfd_4k_pages", "poll=0&hugetlb=0", True)]
-        bounce = (f"&bounce={args.bounce}" if args.bounce else "") + (f"&{args.opts}" if args.opts else "")
+        # spec options every case shares (bounce size, --opts)
+        extra = (f"&bounce={args.bounce}" if args.bounce else "") + (f"&{args.opts}" if args.opts else "")
         cases: dict[str, list[dict[str, Any]]] = {"uring": [], **{m: [] for m, _, _ in modes}}
         for _ in range(args.repeat):  # interleaved, so drift in the disk hits every case alike
-            cases["uring"].append(await restore(f"uring://{image}?{bounce[1:]}", prompts, args.chunks, None))
+            cases["uring"].append(await restore(f"uring://{image}?{extra[1:]}", prompts, args.chunks, None))
             gc.collect()
             for mode, opts, small_pages in modes:
                 d = QemuStorageDaemon(image, sock, args.queues, capture_stderr=False)
@@ -186,7 +187,7 @@ async def main() -> None:
                 try:
                     if small_pages:
                         set_hugepages(0)
-                    spec = f"vhost://{sock}?{opts}{bounce}&queues={args.queues}"
+                    spec = f"vhost://{sock}?{opts}{extra}&queues={args.queues}"
                     cases[mode].append(await restore(spec, prompts, args.chunks, d.pid))
                 finally:
                     d.kill()

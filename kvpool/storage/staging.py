@@ -131,7 +131,6 @@ class StagingArena:
         else:
             self._buf = alloc_aligned(self.nbytes)
             self.hugetlb = is_hugetlb(self._buf)
-        self.buffer: mmap.mmap = self._buf
         self._ready_callbacks: list[Callable[[], object]] = []
         self._setups: set[asyncio.Future[object]] = set()
         self.address = ctypes.addressof(ctypes.c_char.from_buffer(self._buf))
@@ -157,6 +156,11 @@ class StagingArena:
         self._warned: set[str] = set()
         self._thread = threading.Thread(target=self._populate, name="kvpool-staging", daemon=True)
         self._thread.start()
+
+    @property
+    def buffer(self) -> mmap.mmap:
+        """The writable mapping (buffer protocol), for registrations that take a buffer object."""
+        return self._buf
 
     # --- readiness ---------------------------------------------------------------------------------------
     def _populate(self) -> None:
@@ -213,10 +217,8 @@ class StagingArena:
         registration) has finished; return the seconds population took."""
         if not self._ready.is_set():
             await asyncio.to_thread(self._ready.wait)
-        while self._setups:
-            pending = list(self._setups)
-            await asyncio.gather(*pending, return_exceptions=True)  # their owners log and count failures
-            self._setups.difference_update(pending)
+        while self._setups:  # (each leaves the set when done; a setup may start while we wait)
+            await asyncio.gather(*self._setups, return_exceptions=True)  # their owners log and count failures
         assert self.populate_seconds is not None
         return self.populate_seconds
 
