@@ -3,7 +3,8 @@
 8B-class layout (32 layers, 8 KV heads, head_dim 128, bf16), SGLang pages of 64 tokens: one page is 8 MiB
 (K and V of every layer), 192 pages = 1.5 GiB. The host pool is SGLang's MHA host pool geometry with SGLang's
 own ``init_kv_buffer``/``get_page_buffer_meta``/flat-page methods (compiled from the installed sglang source,
-as in tests/integrations/test_sglang.py; the real class cannot be imported on a CPU-only torch).
+:mod:`kvpool.testing.sglang_host`, as in tests/integrations/test_sglang.py; the real class cannot be imported on a
+CPU-only torch).
 
 In the same run, on the same disk, page cache dropped before every timed read (``echo 3 >
 /proc/sys/vm/drop_caches``), each figure the median of ``--repeat`` interleaved runs:
@@ -31,10 +32,8 @@ sglang 0.5.23 (bash .ci/install_sglang.sh). Writes benchmarks/results/sglang.jso
 from __future__ import annotations
 
 import argparse
-import ast
 import asyncio
 import concurrent.futures
-import importlib.util
 import json
 import os
 import resource
@@ -58,50 +57,10 @@ from _util import save, drop_caches
 
 import kvpool
 from kvpool.storage.buffers import aligned_empty
+from kvpool.testing.sglang_host import MHATokenToKVPoolHost, host_indices
 
 L, H, D, DT, PAGE = 32, 8, 128, torch.bfloat16, 64
 STORAGE_BATCH_SIZE = 128  # sglang.srt.mem_cache.hicache_storage.STORAGE_BATCH_SIZE
-
-
-# --- SGLang's MHA host pool (its own methods) -----------------------------------------------------------------
-def _alloc(dims: Any, dtype: torch.dtype, device: Any, pin_memory: bool, allocator: Any,
-           registration_granularity_bytes: Any = None) -> torch.Tensor:
-    return aligned_empty(tuple(dims), dtype)
-
-
-def _methods(names: tuple[str, ...]) -> dict[str, Any]:
-    path = Path(importlib.util.find_spec("sglang").origin).parent / "srt/mem_cache/pool_host/mha.py"  # type: ignore
-    cls = next(n for n in ast.parse(path.read_text()).body
-               if isinstance(n, ast.ClassDef) and n.name == "MHATokenToKVPoolHost")
-    out = {}
-    for fn in cls.body:
-        if isinstance(fn, ast.FunctionDef) and fn.name in names:
-            ns: dict[str, Any] = {"torch": torch, "ALLOC_MEMORY_FUNCS": {"cpu": _alloc}}
-            exec(compile(ast.Module(body=[fn], type_ignores=[]), str(path), "exec"), ns)  # noqa: S102 - SGLang source
-            out[fn.name] = ns[fn.name]
-    return out
-
-
-class MHATokenToKVPoolHost:
-    def __init__(self, layout: str, pages: int) -> None:
-        self.layout, self.layer_num, self.head_num, self.head_dim, self.v_head_dim = layout, L, H, D, D
-        self.page_size, self.page_num, self.size = PAGE, pages, pages * PAGE
-        self.dtype, self.device, self.pin_memory, self.allocator = DT, "cpu", False, None
-        self._transfer_device = torch.device("cpu")
-        self.kv_buffer = self.init_kv_buffer()
-
-    @property
-    def k_buffer(self) -> torch.Tensor:
-        return self.kv_buffer[0]
-
-    @property
-    def v_buffer(self) -> torch.Tensor:
-        return self.kv_buffer[1]
-
-
-for _n, _f in _methods(("init_kv_buffer", "get_page_buffer_meta", "get_data_page", "get_dummy_flat_data_page",
-                        "set_from_flat_data_page")).items():
-    setattr(MHATokenToKVPoolHost, _n, _f)
 
 
 # --- helpers -----------------------------------------------------------------------------------------------------
@@ -110,10 +69,6 @@ for _n, _f in _methods(("init_kv_buffer", "get_page_buffer_meta", "get_data_page
 def cpu_s() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
-
-
-def host_indices(pages: range | list[int]) -> torch.Tensor:
-    return torch.cat([torch.arange(p * PAGE, (p + 1) * PAGE, dtype=torch.int64) for p in pages])
 
 
 def storage_config(extra: dict[str, Any]) -> Any:
@@ -202,7 +157,7 @@ def main() -> None:
         storages: dict[str, Any] = {}
         hosts: dict[str, MHATokenToKVPoolHost] = {}
         for layout in args.layouts.split(","):
-            host = MHATokenToKVPoolHost(layout, n)
+            host = MHATokenToKVPoolHost(layout, n, L, H, D, page_size=PAGE, dtype=DT)
             fill_pattern(host.kv_buffer, seed=1 + len(hosts))
             extra = {"backend_name": "kvpool", "module_path": "kvpool.integrations.sglang",
                      "class_name": "KVPoolHiCacheStorage", "interface_v1": 1,
@@ -212,7 +167,7 @@ def main() -> None:
             st.register_mem_pool_host(host)
             t0 = time.perf_counter()
             for r in split(n, -(-n // STORAGE_BATCH_SIZE)):
-                assert all(st.batch_set_v1(keys[r.start:r.stop], host_indices(r)))
+                assert all(st.batch_set_v1(keys[r.start:r.stop], host_indices(r, PAGE)))
             st.flush()
             res[f"fill_{layout}_GBps"] = total / (time.perf_counter() - t0) / 1e9
             storages[layout], hosts[layout] = st, host
@@ -269,13 +224,13 @@ def main() -> None:
         cases: dict[str, Callable[[], None]] = {}
         for layout, st in storages.items():
             def v1(r: range, st: Any = st) -> None:
-                ok = st.batch_get_v1(keys[r.start:r.stop], host_indices(r))
+                ok = st.batch_get_v1(keys[r.start:r.stop], host_indices(r, PAGE))
                 assert all(ok), ok
 
             def v1_controller(st: Any = st) -> None:  # SGLang's prefetch thread: 128 pages per call
                 for i in range(0, n, STORAGE_BATCH_SIZE):
                     r = range(i, min(n, i + STORAGE_BATCH_SIZE))
-                    assert all(st.batch_get_v1(keys[r.start:r.stop], host_indices(r)))
+                    assert all(st.batch_get_v1(keys[r.start:r.stop], host_indices(r, PAGE)))
 
             cases[f"kvpool_batch_get_v1_{layout}"] = threaded(v1)
             cases[f"kvpool_batch_get_v1_x128_{layout}"] = v1_controller
@@ -335,7 +290,7 @@ def main() -> None:
             for i in (0, n // 2, n - 1):
                 flat = host.get_data_page(i * PAGE, flat=True).clone()
                 host.get_data_page(i * PAGE, flat=False).zero_()
-                assert storages[layout].batch_get_v1([keys[i]], host_indices([i])) == [True]
+                assert storages[layout].batch_get_v1([keys[i]], host_indices([i], PAGE)) == [True]
                 assert torch.equal(host.get_data_page(i * PAGE, flat=True).view(torch.uint8), flat.view(torch.uint8))
         res["fio_randread_4M_qd32"] = fio(f"{base}/sglang-{next(iter(storages))}.pool", total)
         if res["fio_randread_4M_qd32"]:

@@ -4,21 +4,15 @@ The backend is built through SGLang's ``StorageBackendFactory`` dynamic route ex
 (``cls(storage_config, kwargs)``, then ``register_mem_pool_host``) and subclasses the real ``HiCacheStorage``.
 
 Host pools: SGLang's ``MHATokenToKVPoolHost``/``MLATokenToKVPoolHost`` cannot be imported on this CPU-only
-machine: ``sglang.srt.mem_cache.pool_host`` pulls in SGLang's model-config registry, which imports
-``torchvision`` at module load, and PyPI's torchvision wheel is a CUDA build that does not load on the CPU torch.
-So the host pools here are stand-ins whose methods are SGLang's own: ``init_kv_buffer``,
-``get_page_buffer_meta``, ``get_data_page``, ``get_dummy_flat_data_page`` and ``set_from_flat_data_page`` are
-compiled from the installed ``pool_host/mha.py`` and ``pool_host/mla.py`` source (not copied), so the buffer
-shapes and pointer/size lists are exactly what a server hands the backend.
+machine (its model-config registry imports a CUDA torchvision), so the host pools are
+:mod:`kvpool.testing.sglang_host`'s stand-ins, whose methods are compiled from the installed SGLang source.
 
 Install SGLang for these tests with ``bash .ci/install_sglang.sh``.
 """
 
 from __future__ import annotations
 
-import ast
 import asyncio
-import importlib.util
 import os
 import threading
 import time
@@ -40,88 +34,16 @@ from sglang.srt.mem_cache.storage import StorageBackendFactory
 import kvpool
 from kvpool import Backend, BackendError, ReadRequest
 from kvpool.storage.backend import Capabilities
-from kvpool.storage.buffers import aligned_empty
 from kvpool.testing.faults import ForwardingBackend
 from kvpool.integrations.sglang import KVPoolHiCacheStorage
+from kvpool.testing.sglang_host import MHATokenToKVPoolHost, MLATokenToKVPoolHost, host_indices
 
 PAGE = 64  # tokens per page
-DT = torch.bfloat16
 
 
-# --- host pools whose methods are SGLang's own source -------------------------------------------------------
-def _alloc(dims: tuple[int, ...], dtype: torch.dtype, device: Any, pin_memory: bool, allocator: Any,
-           registration_granularity_bytes: int | None = None) -> torch.Tensor:
-    return aligned_empty(tuple(dims), dtype)  # page-aligned, like SGLang's registered host memory
-
-
-def _sglang_methods(relpath: str, cls_name: str, names: Sequence[str]) -> dict[str, Any]:
-    origin = importlib.util.find_spec("sglang").origin  # type: ignore[union-attr]
-    path = Path(origin).parent / relpath
-    tree = ast.parse(path.read_text())
-    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls_name)
-    out: dict[str, Any] = {}
-    for fn in cls.body:
-        if isinstance(fn, ast.FunctionDef) and fn.name in names:
-            ns: dict[str, Any] = {"torch": torch, "ALLOC_MEMORY_FUNCS": {"cpu": _alloc}, "_is_npu": False}
-            exec(compile(ast.Module(body=[fn], type_ignores=[]), str(path), "exec"), ns)  # noqa: S102 - SGLang source
-            out[fn.name] = ns[fn.name]
-    assert set(out) == set(names), f"{cls_name} in {path} lacks {set(names) - set(out)}"
-    return out
-
-
-_METHODS = ("init_kv_buffer", "get_page_buffer_meta", "get_data_page", "get_dummy_flat_data_page",
-            "set_from_flat_data_page")
-
-
-class MHATokenToKVPoolHost:
-    """SGLang's MHA host pool geometry; methods compiled from sglang/srt/mem_cache/pool_host/mha.py."""
-
-    def __init__(self, layout: str, pages: int, layer_num: int = 4, head_num: int = 2, head_dim: int = 16) -> None:
-        self.layout, self.layer_num, self.head_num, self.head_dim, self.v_head_dim = (
-            layout, layer_num, head_num, head_dim, head_dim)
-        self.page_size, self.page_num, self.size = PAGE, pages, pages * PAGE
-        self.dtype, self.device, self.pin_memory, self.allocator = DT, "cpu", False, None
-        self._transfer_device = torch.device("cpu")
-        self.kv_buffer = self.init_kv_buffer()
-
-    @property
-    def k_buffer(self) -> torch.Tensor:
-        return self.kv_buffer[0]
-
-    @property
-    def v_buffer(self) -> torch.Tensor:
-        return self.kv_buffer[1]
-
-
-class MLATokenToKVPoolHost:
-    """SGLang's MLA host pool geometry; methods compiled from sglang/srt/mem_cache/pool_host/mla.py."""
-
-    def __init__(self, layout: str, pages: int, layer_num: int = 4, kv_cache_dim: int = 64) -> None:
-        self.layout, self.layer_num, self.kv_cache_dim = layout, layer_num, kv_cache_dim
-        self.page_size, self.logical_page_size, self.dcp_size = PAGE, PAGE, 1
-        self.page_num, self.size = pages, pages * PAGE
-        self.dtype, self.device, self.pin_memory, self.allocator = DT, "cpu", False, None
-        self._transfer_device = torch.device("cpu")
-        self.kv_buffer = self.init_kv_buffer()
-
-    def _storage_page_index(self, index: int) -> int:
-        return index
-
-
-for _name, _fn in _sglang_methods("srt/mem_cache/pool_host/mha.py", "MHATokenToKVPoolHost", _METHODS).items():
-    setattr(MHATokenToKVPoolHost, _name, _fn)
-for _name, _fn in _sglang_methods("srt/mem_cache/pool_host/mla.py", "MLATokenToKVPoolHost",
-                                  (*_METHODS, "_storage_page_index")).items():
-    setattr(MLATokenToKVPoolHost, _name, _fn)
-
-
+# --- host pools whose methods are SGLang's own source (kvpool.testing.sglang_host) -------------------------------
 def make_host(kind: str, layout: str, pages: int = 16) -> Any:
     return MHATokenToKVPoolHost(layout, pages) if kind == "mha" else MLATokenToKVPoolHost(layout, pages)
-
-
-def host_indices(pages: Sequence[int]) -> torch.Tensor:
-    """Token indices of host pages, as SGLang's controller passes them."""
-    return torch.cat([torch.arange(p * PAGE, (p + 1) * PAGE, dtype=torch.int64) for p in pages])
 
 
 def fill(host: Any, pages: Sequence[int], seed: int) -> None:
