@@ -24,7 +24,7 @@ def arena_get_raw(backend: Backend, key: bytes) -> bytes | None:
     return bytes(backend._arena[ext.start : ext.start + ext.nbytes].cpu().numpy().tobytes())
 
 
-def _uring_where(backend: Backend, key: bytes) -> tuple[int, int] | None:
+def uring_where(backend: Backend, key: bytes) -> tuple[int, int] | None:
     """(absolute offset, length) of ``key``'s bytes in the pool file or device."""
     assert isinstance(backend, UringBackend)
     e = backend._index.get(key)
@@ -37,7 +37,7 @@ def _uring_where(backend: Backend, key: bytes) -> tuple[int, int] | None:
 def uring_get_raw(backend: Backend, key: bytes) -> bytes | None:
     """The bytes of ``key`` read with ``os.pread`` from the pool file or block device (buffered, so
     unaffected by the backend's O_DIRECT, registered-buffer and bounce paths)."""
-    where = _uring_where(backend, key)
+    where = uring_where(backend, key)
     if where is None:
         return None
     off, n = where
@@ -52,7 +52,7 @@ def uring_get_raw(backend: Backend, key: bytes) -> bytes | None:
 def uring_corrupt_raw(backend: Backend, key: bytes) -> None:
     """Flip one byte in the middle of ``key``'s bytes on the file or device, and sync it there (so the
     backend's direct reads see it)."""
-    where = _uring_where(backend, key)
+    where = uring_where(backend, key)
     assert where is not None, "corrupt_raw of an object that is not stored"
     off, n = where
     assert isinstance(backend, UringBackend)

@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from conftest import QSD, Daemon, MiB, make_image  # type: ignore[import-not-found]
+from harness.local_raw import uring_where
 from kvpool import BackendError, ConfigError, KVLayout, KVPool
 from kvpool.ssd.store import UringBackend
 from kvpool.ssd.vhost_store import VhostBackend
@@ -38,15 +39,6 @@ from concurrent_writer import data_of, key_of, size_of  # noqa: E402
 pytestmark = pytest.mark.skipif(QSD is None, reason="qemu-storage-daemon not installed (qemu-system-common)")
 
 WRITER = str(Path(__file__).parent / "concurrent_writer.py")
-
-
-def _where(b: Backend, key: bytes) -> tuple[int, int] | None:
-    assert isinstance(b, UringBackend)
-    e = b._index.get(key)
-    if e is None or e.dead:
-        return None
-    assert b._geo is not None
-    return b._geo.d_off + e.offset, e.length
 
 
 def flip_byte(image: Path, pos: int) -> None:
@@ -87,7 +79,7 @@ class TestVhostConformance(BackendTests):
         return self._daemons[backend.path].image
 
     async def get_raw(self, backend: Backend, key: bytes) -> bytes | None:
-        where = _where(backend, key)
+        where = uring_where(backend, key)
         if where is None:
             return None
         fd = os.open(self._image(backend), os.O_RDONLY | os.O_CLOEXEC)
@@ -97,7 +89,7 @@ class TestVhostConformance(BackendTests):
             os.close(fd)
 
     async def corrupt_raw(self, backend: Backend, key: bytes) -> None:
-        where = _where(backend, key)
+        where = uring_where(backend, key)
         assert where is not None
         flip_byte(self._image(backend), where[0] + where[1] // 2)
 
@@ -168,7 +160,7 @@ async def test_corruption_is_a_miss(daemon: Daemon) -> None:
     async with backend_from_spec(f"vhost://{daemon.sock}?format=1&bounce=8MiB") as b:
         k, v = rand_key(), rand_bytes(2 * MiB)
         await b.write(k, v)
-        where = _where(b, k)
+        where = uring_where(b, k)
         assert where is not None
         flip_byte(daemon.image, where[0] + 12345)
         out = torch.zeros_like(v)
