@@ -50,6 +50,7 @@ __all__ = ["HOST_MEMORY", "Backend", "Capabilities", "ReadRequest", "byte_view",
 _SURFACES: dict[str, tuple[str, ...]] = {
     "durable": ("flush",),
     "eviction_hints": ("hint_prefix", "hint_attention", "hint_touch"),
+    "host_memory": ("attach_staging",),  # any value but "none"
 }
 
 
@@ -339,14 +340,12 @@ def check_contract(backend: Backend) -> None:
     caps = backend.capabilities
     if not isinstance(caps, Capabilities):
         raise TypeError(f"{type(backend).__name__}.capabilities must be a kvpool.Capabilities, got {caps!r}")
-    if caps.host_memory != "none" and type(backend).attach_staging is Backend.attach_staging:
-        raise TypeError(f"{type(backend).__name__} declares host_memory={caps.host_memory!r} but leaves "
-                        "attach_staging as the no-op default")
     for field, methods in _SURFACES.items():
-        if getattr(caps, field):
+        declared = getattr(caps, field)
+        if declared and declared != "none":
             lacking = [m for m in methods if getattr(type(backend), m) is getattr(Backend, m)]
             if lacking:
                 raise TypeError(
-                    f"{type(backend).__name__} declares {field}=True but leaves {', '.join(lacking)} as the "
-                    "no-op default"
+                    f"{type(backend).__name__} declares {field}={declared!r} but leaves {', '.join(lacking)} as "
+                    "the no-op default"
                 )
