@@ -249,12 +249,17 @@ def test_layerwise_stalls_are_measured(model: Any, run: Callable[..., Any], monk
 
     async def main() -> None:
         async with await open_pool(model, "dram://?capacity=64MiB") as pool:
-            await prefill_with_pool(model, pool, x[:64])
-            monkeypatch.setattr(pool, "stream", SlowStream(pool, delay=0.02))
+            await pool.ready()  # the arena's population does not compete with the timed compute
+            first = PrefillStats()
+            await prefill_with_pool(model, pool, x[:64], stats=first)
+            # I/O must be slower than compute for stalls to exist: at least 20 ms per layer, and at least twice
+            # a layer's compute as measured on this machine now (a loaded CI core made 20 ms too little)
+            delay = max(0.02, 2 * first.compute_s / model.config.num_hidden_layers)
+            monkeypatch.setattr(pool, "stream", SlowStream(pool, delay=delay))
             st = PrefillStats()
             logits, _, hit = await prefill_with_pool(model, pool, x, layerwise=True, stats=st, store=False)
             assert hit == 64 and st.layerwise
-            # Layers 1..7 each arrive ~20 ms after the one before, far slower than their compute.
+            # Layers 1..7 each arrive >= 20 ms after the one before, far slower than their compute.
             assert st.stalled_layers >= 6 and st.stall_s >= 0.08, st
             assert st.restore_s >= 0.14 and st.ttft_s >= st.restore_s
             torch.testing.assert_close(logits, full[hit:], atol=ATOL, rtol=0)
